@@ -1,0 +1,1 @@
+"""The visual tokenizer: images in, discrete token grids out (and back)."""
