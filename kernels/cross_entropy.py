@@ -1,14 +1,29 @@
-"""Fused linear + cross-entropy: chunked torch path, Triton path (to come), reference, dispatch.
+"""Fused linear + cross-entropy: chunked torch path, Triton path, reference, dispatch.
 
-Shapes: hidden ``[N, D]``, weight ``[V, D]``, target ``[N]``; the full ``[N, V]`` logits are never
-held at once on the fused paths.
+Shapes: hidden ``[N, D]``, weight ``[V, D]``, target ``[N]``; the fused paths never hold the full
+``[N, V]`` logits, only one ``[C, V]`` fp32 chunk at a time (C ~ 64 MB / (4 V)).
+
+How (the Liger-Kernel recipe): per chunk of tokens, logits come from a plain matmul; a softmax
+step (torch ops, or one Triton program per row) turns them *in place* into the per-row loss and
+the gradient of the loss w.r.t. the logits; two more matmuls give d_hidden for the chunk and add
+into d_weight. For ``mean``/``sum`` this happens in the forward pass and backward only rescales
+the stored gradients by grad_output. For ``none`` the per-token grad_output is unknown at forward
+time and d_weight is not separable per row, so forward computes losses only and backward redoes
+the chunk loop with grad_output as a per-row scale (one extra logits matmul, still memory-flat).
+
+Loss per non-ignored token, with logits x, log-sum-exp lse, target t, smoothing eps, z-loss z:
+    (1 - eps) * (lse - x_t) + eps * (lse - mean_j x_j) + z * lse^2
+and its gradient w.r.t. x_j:  p_j * (1 + 2 z lse) - (1 - eps) [j == t] - eps / V.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import resolve_backend
+from kernels.dispatch import HAS_TRITON, resolve_backend
+
+REDUCTIONS = ("mean", "sum", "none")
+CHUNK_BYTES = 64 * 2**20  # fp32 logits per chunk; a few such buffers live at once
 
 
 def fused_linear_cross_entropy(
@@ -19,12 +34,31 @@ def fused_linear_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     backend: str = "auto",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``target``, memory-flat in V."""
+    """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``target``, memory-flat in V.
+
+    The LM head of a big-vocabulary model would otherwise hold ``[N, V]`` logits plus their
+    gradient; here peak extra memory is O(chunk_size * V). Returns an fp32 loss (``[N]`` for
+    ``reduction="none"``); gradients come back in the inputs' dtypes.
+    """
+    _check_inputs(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size)
     path = resolve_backend(backend, hidden.device, "fused_linear_cross_entropy")
-    if path == "triton":
-        raise NotImplementedError("Triton CE path not written yet")
-    return linear_cross_entropy_reference(hidden, weight, target, bias, ignore_index, reduction)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    options = _Options(
+        ignore_index=int(ignore_index),
+        reduction=reduction,
+        label_smoothing=float(label_smoothing),
+        z_loss=float(z_loss),
+        chunk_size=chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0]),
+        softmax_step=_softmax_step_triton if path == "triton" else _softmax_step_torch,
+        needs_grad=needs_grad,
+    )
+    return _FusedLinearCrossEntropy.apply(hidden, weight, bias, target, options)
 
 
 def linear_cross_entropy_reference(
@@ -34,7 +68,253 @@ def linear_cross_entropy_reference(
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
 ) -> torch.Tensor:
     """Naive logits + ``F.cross_entropy``: the twin the fused paths are checked against."""
-    logits = F.linear(hidden, weight, bias).float()
-    return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)
+    logits = F.linear(hidden, weight, bias).float()  # [N, V]
+    loss = F.cross_entropy(
+        logits, target, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
+    )
+    if z_loss:
+        loss = loss + z_loss * torch.logsumexp(logits, dim=-1).square() * (target != ignore_index)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / (target != ignore_index).sum()  # NaN when all ignored, like F.cross_entropy
+
+
+def default_chunk_size(n_tokens: int, vocab: int) -> int:
+    """Tokens per chunk so one fp32 ``[chunk, V]`` logits buffer stays near ``CHUNK_BYTES``."""
+    return max(1, min(n_tokens, CHUNK_BYTES // (4 * vocab)))
+
+
+# --------------------------------------------------------------------------------------------
+# autograd Function shared by both paths; only the in-place softmax step differs.
+# --------------------------------------------------------------------------------------------
+
+
+class _Options:
+    """Non-tensor arguments, bundled so autograd.Function.apply stays readable."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, opt: _Options):
+        hidden, target = hidden.contiguous(), target.contiguous()
+        ctx.opt = opt
+        ctx.has_bias = bias is not None
+        n_valid = int((target != opt.ignore_index).sum())
+        if opt.reduction == "none":
+            losses, _ = _chunk_loop(hidden, weight, bias, target, opt, row_scale=None, want_grads=False)
+            ctx.save_for_backward(hidden, weight, bias, target)
+            return losses
+        scale = 1.0 / max(n_valid, 1) if opt.reduction == "mean" else 1.0
+        losses, grads = _chunk_loop(hidden, weight, bias, target, opt, scale=scale, want_grads=opt.needs_grad)
+        if grads is not None:
+            ctx.save_for_backward(*grads)
+        return losses.sum() * scale  # fp32 scalar; 0.0 when every target is ignored
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        opt = ctx.opt
+        if opt.reduction == "none":
+            hidden, weight, bias, target = ctx.saved_tensors
+            _, grads = _chunk_loop(hidden, weight, bias, target, opt, row_scale=grad_out.float().contiguous(), want_grads=True)
+        else:
+            grads = [g * grad_out.to(g.dtype) if g is not None else None for g in ctx.saved_tensors]
+        d_hidden, d_weight, d_bias = grads
+        return d_hidden, d_weight, d_bias if ctx.has_bias else None, None, None
+
+
+def _chunk_loop(hidden, weight, bias, target, opt, scale=1.0, row_scale=None, want_grads=True):
+    """Walk token chunks; return per-token losses [N] (fp32) and (d_hidden, d_weight, d_bias)."""
+    n, v = hidden.shape[0], weight.shape[0]
+    losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    if want_grads:
+        d_hidden = torch.empty_like(hidden)  # [N, D]
+        # accumulate across chunks in fp32, cast once at the end
+        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # [V, D]
+        d_bias = torch.zeros(v, dtype=torch.float32, device=weight.device) if bias is not None else None
+    for start in range(0, n, opt.chunk_size):
+        stop = min(start + opt.chunk_size, n)
+        h = hidden[start:stop]  # [C, D]
+        logits = F.linear(h, weight, bias).float()  # [C, V], fp32 from here on
+        rs = None if row_scale is None else row_scale[start:stop]
+        losses[start:stop] = opt.softmax_step(logits, target[start:stop], opt, scale, rs, want_grads)
+        if not want_grads:
+            continue
+        d_logits = logits.to(hidden.dtype)  # [C, V]; no copy for fp32 inputs
+        torch.mm(d_logits, weight, out=d_hidden[start:stop])  # [C, D]
+        if d_logits.dtype == torch.float32:
+            d_weight.addmm_(d_logits.t(), h)  # [V, D]
+        else:
+            d_weight += (d_logits.t() @ h).float()
+        if d_bias is not None:
+            d_bias += logits.sum(dim=0)
+    if not want_grads:
+        return losses, None
+    grads = (
+        d_hidden,
+        d_weight.to(weight.dtype),
+        d_bias.to(bias.dtype) if d_bias is not None else None,
+    )
+    return losses, grads
+
+
+# --------------------------------------------------------------------------------------------
+# softmax steps: logits [C, V] fp32 -> per-row loss [C]; logits overwritten by scaled d_logits
+# --------------------------------------------------------------------------------------------
+
+
+def _softmax_step_torch(logits, target, opt, scale, row_scale, want_grads):
+    """The CPU default: a handful of in-place torch ops over the chunk."""
+    c, v = logits.shape
+    valid = target != opt.ignore_index  # [C]
+    t = torch.where(valid, target, 0).unsqueeze(1)  # [C, 1]
+    lse = torch.logsumexp(logits, dim=-1)  # [C]
+    eps, z = opt.label_smoothing, opt.z_loss
+    loss = (1.0 - eps) * (lse - logits.gather(1, t).squeeze(1))
+    if eps:
+        loss = loss + eps * (lse - logits.mean(dim=-1))
+    if z:
+        loss = loss + z * lse.square()
+    loss = torch.where(valid, loss, 0.0)
+    if not want_grads:
+        return loss
+    p = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
+    if z:
+        p.mul_((1.0 + 2.0 * z * lse).unsqueeze(1))
+    p.scatter_add_(1, t, torch.full_like(lse, -(1.0 - eps)).unsqueeze(1))
+    if eps:
+        p.sub_(eps / v)
+    factor = valid.float() * scale  # [C]; zero rows for ignored targets
+    if row_scale is not None:
+        factor = factor * row_scale
+    p.mul_(factor.unsqueeze(1))
+    return loss
+
+
+def _softmax_step_triton(logits, target, opt, scale, row_scale, want_grads):
+    """One Triton program per row: online softmax over V tiles, then d_logits written in place."""
+    c, v = logits.shape
+    loss = torch.empty(c, dtype=torch.float32, device=logits.device)
+    block_v = min(triton.next_power_of_2(v), 16384 if logits.device.type == "cpu" else 4096)
+    _ce_rows_kernel[(c,)](
+        logits,
+        logits.stride(0),
+        target,
+        loss,
+        row_scale if row_scale is not None else loss,  # dummy pointer when unused
+        v,
+        opt.ignore_index,
+        scale,
+        opt.label_smoothing,
+        opt.z_loss,
+        HAS_ROW_SCALE=row_scale is not None,
+        WANT_GRADS=want_grads,
+        BLOCK_V=block_v,
+        num_warps=8 if block_v >= 2048 else 4,
+    )
+    return loss
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _ce_rows_kernel(
+        logits_ptr,  # [C, V] fp32, overwritten with scaled d_logits
+        stride_row,
+        target_ptr,  # [C] int
+        loss_ptr,  # [C] fp32 out
+        row_scale_ptr,  # [C] fp32, read only when HAS_ROW_SCALE
+        V,
+        ignore_index,
+        scale,
+        label_smoothing,
+        z_loss,
+        HAS_ROW_SCALE: tl.constexpr,
+        WANT_GRADS: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        ptr = logits_ptr + row * stride_row
+        t = tl.load(target_ptr + row)
+        if t == ignore_index:
+            tl.store(loss_ptr + row, 0.0)
+            if WANT_GRADS:
+                for start in range(0, V, BLOCK_V):
+                    cols = start + tl.arange(0, BLOCK_V)
+                    tl.store(ptr + cols, tl.zeros([BLOCK_V], tl.float32), mask=cols < V)
+            return
+
+        # pass 1: running max m and sum of exp(x - m) over vocab tiles, plus sum of x
+        m = float("-inf")
+        s = 0.0
+        sum_x = 0.0
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            x = tl.load(ptr + cols, mask=cols < V, other=float("-inf"))
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            m = m_new
+            sum_x += tl.sum(tl.where(cols < V, x, 0.0), axis=0)
+        lse = m + tl.log(s)
+        x_t = tl.load(ptr + t)
+        loss = (1.0 - label_smoothing) * (lse - x_t) + label_smoothing * (lse - sum_x / V) + z_loss * lse * lse
+        tl.store(loss_ptr + row, loss)
+
+        # pass 2: d_logits = p * (1 + 2 z lse) - (1 - eps) onehot - eps / V, times the row's scale
+        if WANT_GRADS:
+            factor = scale
+            if HAS_ROW_SCALE:
+                factor = factor * tl.load(row_scale_ptr + row)
+            coef = 1.0 + 2.0 * z_loss * lse
+            for start in range(0, V, BLOCK_V):
+                cols = start + tl.arange(0, BLOCK_V)
+                x = tl.load(ptr + cols, mask=cols < V, other=0.0)
+                g = tl.exp(x - lse) * coef - label_smoothing / V
+                g = tl.where(cols == t, g - (1.0 - label_smoothing), g)
+                tl.store(ptr + cols, g * factor, mask=cols < V)
+
+
+# --------------------------------------------------------------------------------------------
+# input checks: raised where the bad input enters, naming it
+# --------------------------------------------------------------------------------------------
+
+
+def _check_inputs(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size):
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [N, D], got shape {tuple(hidden.shape)}; flatten batch and sequence first.")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            f"weight must be [V, D] with D={hidden.shape[1]} to match hidden, got {tuple(weight.shape)}."
+        )
+    if target.shape != (hidden.shape[0],):
+        raise ValueError(f"target must be [N]=[{hidden.shape[0]}], got {tuple(target.shape)}.")
+    if target.dtype.is_floating_point or target.dtype == torch.bool:
+        raise ValueError(f"target must hold integer class ids, got dtype {target.dtype}; use .long().")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must be [V]=[{weight.shape[0]}], got {tuple(bias.shape)}.")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}.")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1).")
+    if z_loss < 0.0:
+        raise ValueError(f"z_loss={z_loss} must be >= 0.")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1, or None to size chunks from V.")
+    v = weight.shape[0]
+    bad = ((target < 0) | (target >= v)) & (target != ignore_index)
+    if bool(bad.any()):
+        first = int(target[bad][0])
+        raise ValueError(
+            f"target holds class id {first} outside [0, {v}) for a vocabulary of V={v} "
+            f"(ignore_index={ignore_index}); fix the labels or mark them with ignore_index."
+        )
