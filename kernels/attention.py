@@ -1,15 +1,26 @@
-"""Flash attention: Triton forward/backward (to come), pure-PyTorch reference, and dispatch.
+"""Flash attention: Triton forward/backward kernels, their autograd wiring, a PyTorch twin, dispatch.
 
-Shapes: q, k, v are ``[B, H, N, D]``; the output has the same shape as q.
+Shapes: q, k, v are ``[B, H, N, D]``; the output has the same shape as q. The Triton path is
+FlashAttention-2: one program per (query tile, batch*head) streams over K/V tiles with an online
+softmax, so the ``[N, N]`` score matrix never exists in memory; it saves the row log-sum-exp
+(fp32, ``[B, H, N]``) so the backward can recompute probabilities instead of storing them.
+
+FLOP model (what benchmarks divide by): the forward is two matmuls of ``2*N*N*D`` each per head,
+``4*B*H*N^2*D`` in all, half of it when causal; the backward does five such matmuls (recomputed
+QK^T, dV, dP, dQ, dK), i.e. 2.5x the forward.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import resolve_backend
+from kernels.dispatch import HAS_TRITON, TRITON_INTERPRET, resolve_backend
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+LOG2E = 1.4426950408889634  # log2(e): folded into the scale so the kernels can use exp2
 
 
 def flash_attention(
@@ -23,7 +34,9 @@ def flash_attention(
     """Softmax attention without materialising the [N, N] matrix on the Triton path."""
     path = resolve_backend(backend, q.device, "flash_attention")
     if path == "triton":
-        raise NotImplementedError("Triton attention path not written yet")
+        _check_inputs(q, k, v)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        return _FlashAttention.apply(q, k, v, bool(causal), scale)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
 
@@ -38,3 +51,412 @@ def attention_reference(
         mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
         scores = scores.masked_fill(~mask, float("-inf"))
     return torch.einsum("bhqk,bhkd->bhqd", scores.softmax(dim=-1), v)
+
+
+def attention_flops(B: int, H: int, N: int, D: int, causal: bool, mode: str = "fwd") -> float:
+    """Useful FLOPs of one attention call, so timings can be read as a fraction of peak."""
+    fwd = 4.0 * B * H * N * N * D * (0.5 if causal else 1.0)
+    factors = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
+    if mode not in factors:
+        raise ValueError(f"attention_flops: mode={mode!r} is not one of {tuple(factors)}.")
+    return fwd * factors[mode]
+
+
+def attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward that also returns the natural-log LSE ``[B, H, N]`` (fp32); no autograd."""
+    _check_inputs(q, k, v)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _forward(q.contiguous(), k.contiguous(), v.contiguous(), causal, scale)
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks and tile choice
+# --------------------------------------------------------------------------------------------
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Reject what the kernels cannot do, where it enters, with the fix named."""
+    if q.dim() != 4:
+        raise ValueError(f"flash_attention: q must be [B, H, N, D], got shape {tuple(q.shape)}.")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(
+            "flash_attention (triton): q, k, v must have the same [B, H, N, D] shape (self-attention, "
+            f"N_q == N_k); got q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}. "
+            "Use backend='torch' for cross-attention or differing value dims."
+        )
+    D = q.shape[-1]
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(
+            f"flash_attention (triton): head dim D={D} is not supported; use one of "
+            f"{SUPPORTED_HEAD_DIMS} (e.g. change n_embd / n_head) or pass backend='torch'."
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"flash_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one.")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"flash_attention (triton): dtype {q.dtype} unsupported; use float32, float16 or bfloat16.")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"flash_attention: q, k, v live on different devices ({q.device}, {k.device}, {v.device}).")
+
+
+@dataclass(frozen=True)
+class _Tiles:
+    """Tile sizes and launch knobs for one kernel; BLOCK_M rows of queries, BLOCK_N rows of keys."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def _fwd_tiles(D: int, dtype: torch.dtype, on_gpu: bool) -> _Tiles:
+    """Forward and dQ tiles: wide query tile, narrower K/V tiles (BLOCK_M % BLOCK_N == 0)."""
+    if not on_gpu:  # interpreter: few, mid-sized programs are what runs fastest under numpy
+        return _Tiles(32, 16)
+    if dtype == torch.float32:  # 4-byte tiles: halve them to stay inside shared memory
+        return _Tiles(64, 32, num_warps=4, num_stages=2)
+    return _Tiles(128, 64, num_warps=4 if D <= 64 else 8, num_stages=3)
+
+
+def _dq_tiles(D: int, dtype: torch.dtype, on_gpu: bool) -> _Tiles:
+    """dQ kernel tiles: a query tile held in registers, K/V streamed (BLOCK_M % BLOCK_N == 0)."""
+    if not on_gpu:
+        return _Tiles(32, 16)
+    if dtype == torch.float32:
+        return _Tiles(64, 32, num_warps=4, num_stages=2)
+    return _Tiles(128 if D <= 64 else 64, 32, num_warps=4 if D <= 64 else 8, num_stages=3)
+
+
+def _dkdv_tiles(D: int, dtype: torch.dtype, on_gpu: bool) -> _Tiles:
+    """dK/dV kernel tiles: a K/V tile held, queries streamed (BLOCK_N % BLOCK_M == 0)."""
+    if not on_gpu:
+        return _Tiles(16, 32)
+    if dtype == torch.float32:
+        return _Tiles(16, 64, num_warps=4, num_stages=2)
+    return _Tiles(32, 128 if D <= 64 else 64, num_warps=4 if D <= 64 else 8, num_stages=3)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get true fp32 dots (SDPA's fp32 is not TF32 either); half types use tensor cores."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd wiring
+# --------------------------------------------------------------------------------------------
+
+
+class _FlashAttention(torch.autograd.Function):
+    """Saves q, k, v, o and the fp32 LSE; the backward recomputes P tile by tile."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, scale: float):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        o, lse = _forward(q, k, v, causal, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.scale = causal, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(do.contiguous(), q, k, v, o, lse, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
+    """Launch the forward kernel on contiguous ``[B, H, N, D]`` inputs; returns (o, lse[B, H, N])."""
+    _require_triton()
+    B, H, N, D = q.shape
+    o = torch.empty_like(q)
+    lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    if q.numel() == 0:
+        return o, lse
+    t = _fwd_tiles(D, q.dtype, q.device.type == "cuda")
+    grid = (triton.cdiv(N, t.block_m), B * H)
+    _attn_fwd_kernel[grid](
+        q, k, v, o, lse, N, scale * LOG2E,
+        CAUSAL=causal, EVEN_N=N % t.block_m == 0, HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+        PRECISION=_dot_precision(q.dtype), num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, causal: bool, scale: float):
+    """Launch delta preprocess, dK/dV and dQ kernels; no atomics, each output written once."""
+    B, H, N, D = q.shape
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if q.numel() == 0:
+        return dq, dk, dv
+    on_gpu = q.device.type == "cuda"
+    precision = _dot_precision(q.dtype)
+    delta = torch.empty_like(lse)  # [B, H, N] fp32: rowsum(dO * O)
+    pre_block = 64 if on_gpu else 32
+    _attn_bwd_preprocess_kernel[(triton.cdiv(N, pre_block), B * H)](
+        o, do, delta, N, HEAD_DIM=D, BLOCK_M=pre_block,
+    )
+    t = _dkdv_tiles(D, q.dtype, on_gpu)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(N, t.block_n), B * H)](
+        q, k, v, do, lse, delta, dk, dv, N, scale, scale * LOG2E,
+        CAUSAL=causal, EVEN_N=N % t.block_n == 0, HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+        PRECISION=precision, num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    t = _dq_tiles(D, q.dtype, on_gpu)
+    _attn_bwd_dq_kernel[(triton.cdiv(N, t.block_m), B * H)](
+        q, k, v, do, lse, delta, dq, N, scale, scale * LOG2E,
+        CAUSAL=causal, EVEN_N=N % t.block_m == 0, HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+        PRECISION=precision, num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    return dq, dk, dv
+
+
+def _require_triton() -> None:
+    if not HAS_TRITON:
+        raise RuntimeError("flash_attention: triton is not installed; pass backend='torch'.")
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels. All tensors are contiguous [B*H, N, D] (or [B*H, N] for lse/delta), so one
+# program finds its head at ``bh * N * D``. Tiles are powers of two and the larger of each
+# kernel's two tile sizes is a multiple of the smaller, which makes the causal split exact:
+# tiles strictly below the diagonal need no mask, tiles on it get the causal (and ragged) mask,
+# tiles above it are never visited. EVEN_N=True (N a multiple of every tile) drops bounds masks.
+# --------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, offs_m, N, lo, hi, qk_scale,
+        DIAG: tl.constexpr, EVEN_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """Online softmax over K/V tiles [lo, hi): running max m_i, running sum l_i (base 2)."""
+        offs_d = tl.arange(0, HEAD_DIM)
+        for start_n in range(lo, hi, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            kv_off = offs_n[:, None] * HEAD_DIM + offs_d[None, :]  # [BLOCK_N, D]
+            if EVEN_N:
+                k = tl.load(k_base + kv_off)
+                v = tl.load(v_base + kv_off)
+            else:
+                k = tl.load(k_base + kv_off, mask=offs_n[:, None] < N, other=0.0)
+                v = tl.load(v_base + kv_off, mask=offs_n[:, None] < N, other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+            if DIAG:
+                keep = offs_m[:, None] >= offs_n[None, :]
+                if not EVEN_N:
+                    keep = keep & (offs_n[None, :] < N)
+                qk = tl.where(keep, qk, float("-inf"))
+            elif not EVEN_N:
+                qk = tl.where(offs_n[None, :] < N, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+            p = tl.math.exp2(qk - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _attn_fwd_kernel(
+        Q, K, V, O, LSE, N, qk_scale,
+        CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        start_m = tl.program_id(0) * BLOCK_M
+        bh = tl.program_id(1).to(tl.int64)
+        head = bh * N * HEAD_DIM
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q_off = offs_m[:, None] * HEAD_DIM + offs_d[None, :]  # [BLOCK_M, D]
+        if EVEN_N:
+            q = tl.load(Q + head + q_off)
+        else:
+            q = tl.load(Q + head + q_off, mask=offs_m[:, None] < N, other=0.0)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        if CAUSAL:
+            # below the diagonal: whole tiles, never ragged because start_m < N
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K + head, V + head, offs_m, N, 0, start_m, qk_scale,
+                                       False, True, HEAD_DIM, BLOCK_N, PRECISION)
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K + head, V + head, offs_m, N, start_m,
+                                       tl.minimum(start_m + BLOCK_M, N), qk_scale,
+                                       True, EVEN_N, HEAD_DIM, BLOCK_N, PRECISION)
+        else:
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K + head, V + head, offs_m, N, 0, N, qk_scale,
+                                       False, EVEN_N, HEAD_DIM, BLOCK_N, PRECISION)
+
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows can have l == 0
+        acc = acc / l_safe[:, None]
+        lse = (m_i + tl.math.log2(l_safe)) / 1.4426950408889634  # back to natural log
+        if EVEN_N:
+            tl.store(O + head + q_off, acc.to(O.dtype.element_ty))
+            tl.store(LSE + bh * N + offs_m, lse)
+        else:
+            tl.store(O + head + q_off, acc.to(O.dtype.element_ty), mask=offs_m[:, None] < N)
+            tl.store(LSE + bh * N + offs_m, lse, mask=offs_m < N)
+
+    @triton.jit
+    def _attn_bwd_preprocess_kernel(O, DO, DELTA, N, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+        """delta_i = sum_d dO_id * O_id: the softmax-Jacobian term shared by dQ and dK."""
+        bh = tl.program_id(1).to(tl.int64)
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        off = bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+        o = tl.load(O + off, mask=offs_m[:, None] < N, other=0.0).to(tl.float32)
+        do = tl.load(DO + off, mask=offs_m[:, None] < N, other=0.0).to(tl.float32)
+        tl.store(DELTA + bh * N + offs_m, tl.sum(o * do, 1), mask=offs_m < N)
+
+    @triton.jit
+    def _dkdv_inner(
+        dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, N, lo, hi, qk_scale,
+        DIAG: tl.constexpr, EVEN_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """Accumulate dK, dV for one K/V tile over query tiles [lo, hi), in transposed form."""
+        offs_d = tl.arange(0, HEAD_DIM)
+        for start_m in range(lo, hi, BLOCK_M):
+            start_m = tl.multiple_of(start_m, BLOCK_M)
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q_off = offs_m[:, None] * HEAD_DIM + offs_d[None, :]  # [BLOCK_M, D]
+            if EVEN_N:
+                q = tl.load(q_base + q_off)
+                do = tl.load(do_base + q_off)
+                lse = tl.load(lse_base + offs_m)
+                delta = tl.load(delta_base + offs_m)
+            else:
+                q = tl.load(q_base + q_off, mask=offs_m[:, None] < N, other=0.0)
+                do = tl.load(do_base + q_off, mask=offs_m[:, None] < N, other=0.0)
+                lse = tl.load(lse_base + offs_m, mask=offs_m < N, other=0.0)
+                delta = tl.load(delta_base + offs_m, mask=offs_m < N, other=0.0)
+            # P^T [BLOCK_N, BLOCK_M] recomputed from the saved LSE (log2 units)
+            qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+            pT = tl.math.exp2(qkT - lse[None, :] * 1.4426950408889634)
+            if DIAG:
+                keep = offs_m[None, :] >= offs_n[:, None]
+                if not EVEN_N:
+                    keep = keep & (offs_m[None, :] < N) & (offs_n[:, None] < N)
+                pT = tl.where(keep, pT, 0.0)
+            elif not EVEN_N:
+                pT = tl.where((offs_m[None, :] < N) & (offs_n[:, None] < N), pT, 0.0)
+            dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
+            dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
+            dsT = pT * (dpT - delta[None, :])
+            dk += tl.dot(dsT.to(q.dtype), q, input_precision=PRECISION)
+        return dk, dv
+
+    @triton.jit
+    def _attn_bwd_dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, DK, DV, N, scale, qk_scale,
+        CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        start_n = tl.program_id(0) * BLOCK_N
+        bh = tl.program_id(1).to(tl.int64)
+        head = bh * N * HEAD_DIM
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        kv_off = offs_n[:, None] * HEAD_DIM + offs_d[None, :]  # [BLOCK_N, D]
+        if EVEN_N:
+            k = tl.load(K + head + kv_off)
+            v = tl.load(V + head + kv_off)
+        else:
+            k = tl.load(K + head + kv_off, mask=offs_n[:, None] < N, other=0.0)
+            v = tl.load(V + head + kv_off, mask=offs_n[:, None] < N, other=0.0)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        if CAUSAL:
+            # queries on the diagonal band, then every query below it (no causal mask needed)
+            diag_end = tl.minimum(start_n + BLOCK_N, N)
+            dk, dv = _dkdv_inner(dk, dv, k, v, Q + head, DO + head, LSE + bh * N, DELTA + bh * N, offs_n, N,
+                                 start_n, diag_end, qk_scale, True, EVEN_N, HEAD_DIM, BLOCK_M, PRECISION)
+            dk, dv = _dkdv_inner(dk, dv, k, v, Q + head, DO + head, LSE + bh * N, DELTA + bh * N, offs_n, N,
+                                 start_n + BLOCK_N, N, qk_scale, False, EVEN_N, HEAD_DIM, BLOCK_M, PRECISION)
+        else:
+            dk, dv = _dkdv_inner(dk, dv, k, v, Q + head, DO + head, LSE + bh * N, DELTA + bh * N, offs_n, N,
+                                 0, N, qk_scale, False, EVEN_N, HEAD_DIM, BLOCK_M, PRECISION)
+        dk = dk * scale  # dS was taken w.r.t. the scaled scores
+        if EVEN_N:
+            tl.store(DK + head + kv_off, dk.to(DK.dtype.element_ty))
+            tl.store(DV + head + kv_off, dv.to(DV.dtype.element_ty))
+        else:
+            tl.store(DK + head + kv_off, dk.to(DK.dtype.element_ty), mask=offs_n[:, None] < N)
+            tl.store(DV + head + kv_off, dv.to(DV.dtype.element_ty), mask=offs_n[:, None] < N)
+
+    @triton.jit
+    def _dq_inner(
+        dq, q, do, lse2, delta, k_base, v_base, offs_m, N, lo, hi, qk_scale,
+        DIAG: tl.constexpr, EVEN_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """Accumulate dQ for one query tile over K/V tiles [lo, hi)."""
+        offs_d = tl.arange(0, HEAD_DIM)
+        for start_n in range(lo, hi, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            kv_off = offs_n[:, None] * HEAD_DIM + offs_d[None, :]  # [BLOCK_N, D]
+            if EVEN_N:
+                k = tl.load(k_base + kv_off)
+                v = tl.load(v_base + kv_off)
+            else:
+                k = tl.load(k_base + kv_off, mask=offs_n[:, None] < N, other=0.0)
+                v = tl.load(v_base + kv_off, mask=offs_n[:, None] < N, other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+            p = tl.math.exp2(qk - lse2[:, None])
+            if DIAG:
+                keep = offs_m[:, None] >= offs_n[None, :]
+                if not EVEN_N:
+                    keep = keep & (offs_n[None, :] < N)
+                p = tl.where(keep, p, 0.0)
+            elif not EVEN_N:
+                p = tl.where(offs_n[None, :] < N, p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        return dq
+
+    @triton.jit
+    def _attn_bwd_dq_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ, N, scale, qk_scale,
+        CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        start_m = tl.program_id(0) * BLOCK_M
+        bh = tl.program_id(1).to(tl.int64)
+        head = bh * N * HEAD_DIM
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q_off = offs_m[:, None] * HEAD_DIM + offs_d[None, :]  # [BLOCK_M, D]
+        if EVEN_N:
+            q = tl.load(Q + head + q_off)
+            do = tl.load(DO + head + q_off)
+            lse = tl.load(LSE + bh * N + offs_m)
+            delta = tl.load(DELTA + bh * N + offs_m)
+        else:
+            q = tl.load(Q + head + q_off, mask=offs_m[:, None] < N, other=0.0)
+            do = tl.load(DO + head + q_off, mask=offs_m[:, None] < N, other=0.0)
+            lse = tl.load(LSE + bh * N + offs_m, mask=offs_m < N, other=0.0)
+            delta = tl.load(DELTA + bh * N + offs_m, mask=offs_m < N, other=0.0)
+        lse2 = lse * 1.4426950408889634
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        if CAUSAL:
+            dq = _dq_inner(dq, q, do, lse2, delta, K + head, V + head, offs_m, N, 0, start_m, qk_scale,
+                           False, True, HEAD_DIM, BLOCK_N, PRECISION)
+            dq = _dq_inner(dq, q, do, lse2, delta, K + head, V + head, offs_m, N, start_m,
+                           tl.minimum(start_m + BLOCK_M, N), qk_scale, True, EVEN_N, HEAD_DIM, BLOCK_N, PRECISION)
+        else:
+            dq = _dq_inner(dq, q, do, lse2, delta, K + head, V + head, offs_m, N, 0, N, qk_scale,
+                           False, EVEN_N, HEAD_DIM, BLOCK_N, PRECISION)
+        dq = dq * scale
+        if EVEN_N:
+            tl.store(DQ + head + q_off, dq.to(DQ.dtype.element_ty))
+        else:
+            tl.store(DQ + head + q_off, dq.to(DQ.dtype.element_ty), mask=offs_m[:, None] < N)
