@@ -1,0 +1,115 @@
+"""The ``lvm`` console script: a thin layer over the Python API.
+
+Each sub-command is a dataclass config plus the function that runs it; every config field is a
+flag of the same name (``batch_size`` -> ``--batch-size``), so nothing the CLI does is out of
+reach from Python. Bad input ends with one line ``lvm <command>: error: ...`` and exit status 2
+(``LVM_DEBUG=1`` keeps the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import inspect
+import json
+import os
+import re
+import sys
+import typing
+from typing import Any, Callable
+
+# name -> (module, config class, runner, one-line help); imported lazily so `lvm --help` is instant.
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "tokenizer-train": (
+        "tokenizer.train", "TokenizerTrainConfig", "train_tokenizer",
+        "train the VQ/FSQ visual tokenizer on a source of images",
+    ),
+    "tokenize": (
+        "tokenizer.shards", "TokenizeConfig", "run_tokenize",
+        "encode a source of images into token shards (resumable)",
+    ),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv``, run the sub-command, and turn user errors into one-line messages."""
+    parser = argparse.ArgumentParser(prog="lvm", description="Domain-specific Large Vision Model toolkit.")
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, _, _, help_text) in COMMANDS.items():
+        subs.add_parser(name, help=help_text, add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+
+    module_name, config_name, runner_name, help_text = COMMANDS[args.command]
+    module = importlib.import_module(module_name)
+    config_cls, runner = getattr(module, config_name), getattr(module, runner_name)
+    sub = argparse.ArgumentParser(prog=f"lvm {args.command}", description=help_text)
+    add_dataclass_arguments(sub, config_cls)
+    config = config_cls(**vars(sub.parse_args(rest)))
+    try:
+        result = runner(config)
+    except KeyboardInterrupt:
+        print(f"lvm {args.command}: interrupted; run the same command again to resume.", file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        if os.environ.get("LVM_DEBUG"):
+            raise
+        print(f"lvm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    _print_summary(result)
+    return 0
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """One flag per dataclass field, typed from its annotation, help from its trailing comment."""
+    hints = typing.get_type_hints(config_cls)
+    comments = _field_comments(config_cls)
+    for f in dataclasses.fields(config_cls):
+        kind = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help") or comments.get(f.name, "")
+        help_text = f"{help_text} (default: {default})".strip()
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif typing.get_origin(kind) in (list, tuple):
+            (item,) = set(typing.get_args(kind)) - {Ellipsis}
+            parser.add_argument(flag, type=item, nargs="+", default=default, help=help_text)
+        else:
+            parser.add_argument(flag, type=_scalar_type(kind), default=default, help=help_text)
+
+
+def _scalar_type(kind: Any) -> Callable[[str], Any]:
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    return args[0] if args else kind  # `int | None` -> int
+
+
+def _field_comments(config_cls: type) -> dict[str, str]:
+    try:
+        source = inspect.getsource(config_cls)
+    except (OSError, TypeError):
+        return {}
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", source, re.M)}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input (reported in one line), not a bug (kept as a traceback)."""
+    from tokenizer.images import ImageSourceError
+    from tokenizer.shards import ShardError
+
+    return (ImageSourceError, ShardError, FileNotFoundError, NotADirectoryError, ValueError)
+
+
+def _print_summary(result: Any) -> None:
+    if isinstance(result, dict):
+        print(json.dumps(result, indent=2, default=str))
+    elif dataclasses.is_dataclass(result) and not isinstance(result, type):
+        print(json.dumps(dataclasses.asdict(result), indent=2, default=str))
+
+
+USER_ERRORS = _user_errors()
+
+if __name__ == "__main__":
+    sys.exit(main())
