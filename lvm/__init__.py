@@ -1,1 +1,4 @@
 """Domain-specific Large Vision Models: the transformer, its data, training, generation and probes."""
+
+from lvm.config import LVMConfig
+from lvm.model import LVM, LVMOutput
