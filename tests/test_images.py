@@ -217,3 +217,17 @@ def test_to_tensor_layout():
     assert t[1, 2, 0, 3].item() == pytest.approx(arr[1, 0, 3, 2] / 255.0)
     with pytest.raises(ImageSourceError):
         to_tensor(arr.astype(np.float32))
+
+
+def test_transforms():
+    from tokenizer.images import transform_images
+
+    x = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4, 1)
+    assert np.array_equal(transform_images(x, "hflip")[0, 1, 0], x[0, 1, 3])
+    assert np.array_equal(transform_images(x, "vflip")[1, 0, 2], x[1, 3, 2])
+    assert transform_images(x, "invert")[0, 0, 0, 0] == 255
+    masked = transform_images(x, "mask-bottom")
+    assert masked[:, 2:].max() == 0 and np.array_equal(masked[:, :2], x[:, :2])
+    assert np.array_equal(transform_images(x, "rot90")[0, 0, :, 0], x[0, :, 3, 0])
+    with pytest.raises(ImageSourceError, match="transform"):
+        transform_images(x, "blur")

@@ -103,6 +103,27 @@ def load_images(
     return _conform(result, size, channels)
 
 
+def transform_images(images: np.ndarray, name: str) -> np.ndarray:
+    """A deterministic image->image transform, the B side of A->B visual-sentence pairs."""
+    ops = {
+        "none": lambda x: x,
+        "hflip": lambda x: x[:, :, ::-1],
+        "vflip": lambda x: x[:, ::-1],
+        "invert": lambda x: 255 - x,
+        "rot90": lambda x: np.rot90(x, 1, axes=(1, 2)),
+        "mask-bottom": _mask_bottom,
+    }
+    if name not in ops:
+        raise ImageSourceError(f"transform={name!r} is unknown; use one of {sorted(ops)}.")
+    return np.ascontiguousarray(ops[name](images))
+
+
+def _mask_bottom(images: np.ndarray) -> np.ndarray:
+    out = images.copy()
+    out[:, images.shape[1] // 2 :] = 0
+    return out
+
+
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """``uint8 [N, H, W, C]`` -> ``float32 [N, C, H, W]`` in [0, 1], the tokenizer's input."""
     if images.dtype != np.uint8 or images.ndim != 4:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tokenizer.images import ImageSet, load_images
+from tokenizer.images import ImageSet, load_images, transform_images
 
 META_FILE = "meta.json"
 TOKENS_FILE = "tokens.bin"
@@ -165,6 +165,7 @@ class TokenizeConfig:
     tokenizer: str = "runs/tokenizer"  # directory written by 'lvm tokenizer-train'
     out: str = "runs/tokens/train"  # shard directory to write
     split: str = "train"  # for fashion-mnist: train or test
+    transform: str = "none"  # none, hflip, vflip, invert, rot90, mask-bottom: views for A->B pair sentences
     batch_size: int = 256
     on_error: str = "fail"  # unreadable image files: 'fail' or 'skip'
     limit: int = 0  # encode only the first N images (0 = all)
@@ -184,6 +185,9 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
         on_error=cfg.on_error,
         limit=cfg.limit or None,
     )
+    if cfg.transform != "none":
+        images.images = transform_images(images.images, cfg.transform)
+        images.source = f"{images.source}|{cfg.transform}"
     meta = write_token_shards(tok, images, cfg.out, cfg.batch_size, cfg.overwrite)
     _write_json_atomic(Path(cfg.out) / "tokenize_config.json", asdict(cfg))
     return meta
