@@ -179,7 +179,7 @@ def test_peak_memory_is_an_eighth_of_naive():
     """Acceptance figure from the brief: N=4096, D=256, V=65536, forward + backward, peak RSS."""
     def peak(variant):
         out = subprocess.run(
-            [sys.executable, "-m", "bench.ce_memory", "--variant", variant, "--json"],
+            [sys.executable, "-m", "bench.ce_memory", "--variant", variant],
             cwd=REPO, capture_output=True, text=True, timeout=600,
             env={**os.environ, "LVM_KERNELS": "torch"},
         )
