@@ -28,6 +28,10 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "tokenizer.shards", "TokenizeConfig", "run_tokenize",
         "encode a source of images into token shards (resumable)",
     ),
+    "train": (
+        "lvm.train", "TrainConfig", "train",
+        "pretrain the LVM on token shards (resumable; works under torchrun)",
+    ),
 }
 
 
@@ -96,10 +100,11 @@ def _field_comments(config_cls: type) -> dict[str, str]:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (reported in one line), not a bug (kept as a traceback)."""
+    from lvm.train import TrainingDiverged
     from tokenizer.images import ImageSourceError
     from tokenizer.shards import ShardError
 
-    return (ImageSourceError, ShardError, FileNotFoundError, NotADirectoryError, ValueError)
+    return (ImageSourceError, ShardError, TrainingDiverged, FileNotFoundError, NotADirectoryError, ValueError)
 
 
 def _print_summary(result: Any) -> None:

@@ -224,6 +224,7 @@ class PackedBatches:
 
 def eval_batches(sentences: VisualSentences, context_len: int, batch_size: int, max_rows: int = 64):
     """A fixed set of held-out rows (the same every eval), for a comparable eval loss curve."""
+    context_len = min(context_len, len(sentences) * sentences.length)  # a small held-out set still fills a row
     packer = PackedBatches(sentences, context_len, batch_size=1, seed=1234)
     rows = min(max_rows, packer.rows_per_epoch)
     packed = torch.from_numpy(np.stack([packer.row(i) for i in range(rows)]))

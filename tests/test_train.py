@@ -1,0 +1,160 @@
+"""Training loop: exact resume, crash-safe checkpoints, divergence stop, torchrun parity."""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+import lvm.train as train_mod
+from lvm.data import DataError, PackedBatches
+from lvm.model import LVM
+from lvm.train import TrainConfig, TrainingDiverged, train
+from tokenizer.images import ImageSet
+from tokenizer.shards import write_token_shards
+
+CODEBOOK = 32
+
+
+class PixelTokenizer:
+    grid, vocab_size = (3, 3), CODEBOOK
+
+    def __init__(self, fingerprint="pix"):
+        self.fingerprint = fingerprint
+
+    def encode(self, images):
+        return torch.from_numpy(np.asarray(images)[..., 0].astype(np.int64))
+
+
+def make_shards(path, n=120, fingerprint="pix", seed=0):
+    """Learnable toy images: each row repeats one random id."""
+    rng = np.random.default_rng(seed)
+    ids = np.repeat(rng.integers(0, CODEBOOK, (n, 3, 1)), 3, axis=2)
+    write_token_shards(PixelTokenizer(fingerprint), ImageSet(ids.astype(np.uint8)[..., None], None, None, "toy"),
+                       path, progress=False)
+    return str(path)
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return TrainConfig(data=make_shards(tmp_path / "shards"), out=str(tmp_path / "run"), preset="tiny",
+                       context_len=44, steps=8, batch_size=4, lr=3e-3, warmup_steps=2, eval_every=4,
+                       ckpt_every=4, log_every=1, eval_rows=4, eval_fraction=0.1, progress=False)
+
+
+def _weights(run_dir):
+    return LVM.from_pretrained(os.path.join(run_dir, "latest")).state_dict()
+
+
+def _losses(run_dir):
+    lines = open(os.path.join(run_dir, "metrics.jsonl")).read().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, lines) if "loss" in r]
+
+
+def test_exact_resume(cfg, tmp_path, monkeypatch):
+    straight = train(cfg)
+    assert straight["steps"] == 8
+    resumed_cfg = replace(cfg, out=str(tmp_path / "resumed"))
+    original = PackedBatches.batch
+
+    def interrupt_at_5(self, step):
+        if step == 5:
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(PackedBatches, "batch", interrupt_at_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(resumed_cfg)
+    monkeypatch.setattr(PackedBatches, "batch", original)
+    assert os.path.basename(os.readlink(tmp_path / "resumed" / "latest")) == "ckpt-000004"
+    train(resumed_cfg)
+    a, b = _weights(cfg.out), _weights(resumed_cfg.out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _losses(cfg.out) == _losses(resumed_cfg.out)  # same curve, no duplicated step 5
+    assert [s for s, _ in _losses(cfg.out)] == list(range(1, 9))
+
+
+def test_loss_decreases_and_metrics(cfg):
+    summary = train(replace(cfg, steps=30, eval_every=30, ckpt_every=30))
+    records = [json.loads(line) for line in open(os.path.join(cfg.out, "metrics.jsonl"))]
+    assert records[0]["loss"] > records[-1]["loss"] + 0.5
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "eval_loss"} <= set(records[-1])
+    assert summary["eval_loss"] == pytest.approx(records[-1]["eval_loss"], abs=1e-4)
+    assert json.load(open(os.path.join(cfg.out, "train_config.json")))["steps"] == 30
+
+
+def test_crash_while_checkpointing_keeps_previous(cfg, monkeypatch):
+    real_save, calls = torch.save, []
+
+    def dying_save(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second checkpoint dies half-written
+            raise KeyboardInterrupt
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(train_mod.torch, "save", real_save)
+    latest = os.path.join(cfg.out, "latest")
+    assert os.path.basename(os.readlink(latest)) == "ckpt-000004"
+    LVM.from_pretrained(latest)  # loadable
+    assert train(cfg)["steps"] == 8  # and resumable
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(cfg, monkeypatch):
+    real_forward, calls = LVM.forward, []
+
+    def poisoned(self, ids, targets=None):
+        out = real_forward(self, ids, targets)
+        calls.append(1)
+        if targets is not None and self.training and len(calls) > 6:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(LVM, "forward", poisoned)
+    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
+        train(cfg)
+    assert os.path.basename(os.readlink(os.path.join(cfg.out, "latest"))) == "ckpt-000004"
+
+
+def test_resume_with_other_tokenizer_refused(cfg, tmp_path):
+    train(replace(cfg, steps=4))
+    other = make_shards(tmp_path / "other", fingerprint="other-tok")
+    with pytest.raises(DataError, match="tokenizer"):
+        train(replace(cfg, data=other))
+
+
+def test_context_too_short(cfg):
+    with pytest.raises(DataError, match="too short"):
+        train(replace(cfg, context_len=8))
+
+
+def test_incomplete_checkpoint_dir(cfg):
+    train(replace(cfg, steps=4))
+    os.remove(os.path.join(cfg.out, "latest", "optimizer.pt"))
+    with pytest.raises(FileNotFoundError, match="optimizer.pt"):
+        train(cfg)
+
+
+def test_torchrun_matches_single_process(cfg, tmp_path):
+    """Two gloo processes with the same global batch follow the single-process loss curve."""
+    single = replace(cfg, steps=4, out=str(tmp_path / "single"))
+    train(single)
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+            "-m", "lvm.cli", "train", "--data", cfg.data, "--out", str(tmp_path / "ddp"), "--preset", "tiny",
+            "--context-len", "44", "--steps", "4", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "2",
+            "--eval-every", "4", "--ckpt-every", "4", "--log-every", "1", "--eval-rows", "4", "--eval-fraction", "0.1",
+            "--no-progress",
+            "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours, ref = _losses(str(tmp_path / "ddp")), _losses(single.out)
+    assert [s for s, _ in ours] == [s for s, _ in ref]
+    np.testing.assert_allclose([l for _, l in ours], [l for _, l in ref], rtol=1e-4, atol=1e-4)
+    a, b = _weights(str(tmp_path / "ddp")), _weights(single.out)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
