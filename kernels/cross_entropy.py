@@ -4,9 +4,9 @@ Shapes: hidden ``[N, D]``, weight ``[V, D]``, target ``[N]``; the fused paths ne
 ``[N, V]`` logits, only one ``[C, V]`` fp32 chunk at a time (C ~ 64 MB / (4 V)).
 
 How (the Liger-Kernel recipe): per chunk of tokens, logits come from a plain matmul; a softmax
-step (torch ops, or one Triton program per row) turns them *in place* into the per-row loss and
-the gradient of the loss w.r.t. the logits; two more matmuls give d_hidden for the chunk and add
-into d_weight. For ``mean``/``sum`` this happens in the forward pass and backward only rescales
+step (torch ops, or one Triton program per row writing in place) turns them into the per-row
+loss and the gradient of the loss w.r.t. the logits; two more matmuls give d_hidden for the
+chunk and add into d_weight. For ``mean``/``sum`` this happens in the forward pass and backward only rescales
 the stored gradients by grad_output. For ``none`` the per-token grad_output is unknown at forward
 time and d_weight is not separable per row, so forward computes losses only and backward redoes
 the chunk loop with grad_output as a per-row scale (one extra logits matmul, still memory-flat).
@@ -91,7 +91,7 @@ def default_chunk_size(n_tokens: int, vocab: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# autograd Function shared by both paths; only the in-place softmax step differs.
+# autograd Function shared by both paths; only the softmax step differs.
 # --------------------------------------------------------------------------------------------
 
 
@@ -145,17 +145,19 @@ def _chunk_loop(hidden, weight, bias, target, opt, scale=1.0, row_scale=None, wa
         h = hidden[start:stop]  # [C, D]
         logits = F.linear(h, weight, bias).float()  # [C, V], fp32 from here on
         rs = None if row_scale is None else row_scale[start:stop]
-        losses[start:stop] = opt.softmax_step(logits, target[start:stop], opt, scale, rs, want_grads)
+        losses[start:stop], d_logits = opt.softmax_step(logits, target[start:stop], opt, scale, rs, want_grads)
+        del logits  # the step may have written d_logits elsewhere; let the logits buffer go
         if not want_grads:
             continue
-        d_logits = logits.to(hidden.dtype)  # [C, V]; no copy for fp32 inputs
+        d_bias_chunk = d_logits.sum(dim=0) if d_bias is not None else None  # [V], fp32
+        d_logits = d_logits.to(hidden.dtype)  # [C, V]; no copy for fp32 inputs
         torch.mm(d_logits, weight, out=d_hidden[start:stop])  # [C, D]
         if d_logits.dtype == torch.float32:
             d_weight.addmm_(d_logits.t(), h)  # [V, D]
         else:
             d_weight += (d_logits.t() @ h).float()
         if d_bias is not None:
-            d_bias += logits.sum(dim=0)
+            d_bias += d_bias_chunk
     if not want_grads:
         return losses, None
     grads = (
@@ -167,36 +169,39 @@ def _chunk_loop(hidden, weight, bias, target, opt, scale=1.0, row_scale=None, wa
 
 
 # --------------------------------------------------------------------------------------------
-# softmax steps: logits [C, V] fp32 -> per-row loss [C]; logits overwritten by scaled d_logits
+# softmax steps: logits [C, V] fp32 -> (per-row loss [C], scaled d_logits [C, V] fp32 or None)
 # --------------------------------------------------------------------------------------------
 
 
 def _softmax_step_torch(logits, target, opt, scale, row_scale, want_grads):
-    """The CPU default: a handful of in-place torch ops over the chunk."""
+    """The CPU default: log_softmax (one vectorised pass, faster than logsumexp on CPU) + in-place ops."""
     c, v = logits.shape
     valid = target != opt.ignore_index  # [C]
     t = torch.where(valid, target, 0).unsqueeze(1)  # [C, 1]
-    lse = torch.logsumexp(logits, dim=-1)  # [C]
     eps, z = opt.label_smoothing, opt.z_loss
-    loss = (1.0 - eps) * (lse - logits.gather(1, t).squeeze(1))
+    x_t = logits.gather(1, t).squeeze(1) if z else None  # [C]
+    logp = logits.log_softmax(dim=-1)  # [C, V]
+    logp_t = logp.gather(1, t).squeeze(1)  # [C]
+    loss = -(1.0 - eps) * logp_t
     if eps:
-        loss = loss + eps * (lse - logits.mean(dim=-1))
+        loss = loss - eps * logp.mean(dim=-1)
     if z:
+        lse = x_t - logp_t
         loss = loss + z * lse.square()
     loss = torch.where(valid, loss, 0.0)
     if not want_grads:
-        return loss
-    p = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
+        return loss, None
+    p = logp.exp_()  # softmax, in place
     if z:
         p.mul_((1.0 + 2.0 * z * lse).unsqueeze(1))
-    p.scatter_add_(1, t, torch.full_like(lse, -(1.0 - eps)).unsqueeze(1))
+    p.scatter_add_(1, t, torch.full_like(loss, -(1.0 - eps)).unsqueeze(1))
     if eps:
         p.sub_(eps / v)
     factor = valid.float() * scale  # [C]; zero rows for ignored targets
     if row_scale is not None:
         factor = factor * row_scale
     p.mul_(factor.unsqueeze(1))
-    return loss
+    return loss, p
 
 
 def _softmax_step_triton(logits, target, opt, scale, row_scale, want_grads):
@@ -220,7 +225,7 @@ def _softmax_step_triton(logits, target, opt, scale, row_scale, want_grads):
         BLOCK_V=block_v,
         num_warps=8 if block_v >= 2048 else 4,
     )
-    return loss
+    return loss, logits
 
 
 if HAS_TRITON:
