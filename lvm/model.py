@@ -340,8 +340,9 @@ class Attention(nn.Module):
         cache: "KVCache | None" = None,
         layer: int = 0,
     ) -> torch.Tensor:
-        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H, T, Dh]
+        qkv = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)
+        q, k = apply_rope(qkv[:2], cos, sin)  # q and k rotated in one go: [B, H, T, Dh] each
+        v = qkv[2]
         if cache is None or cache.length == 0:
             if cache is not None:
                 cache.write(layer, k, v)  # prefill: the prompt attends only to itself
@@ -382,7 +383,7 @@ class RMSNorm(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate feature pairs (i, i + Dh/2) of x [B, H, T, Dh] by position-dependent angles; cos, sin [T, Dh/2]."""
+    """Rotate feature pairs (i, i + Dh/2) of x [..., T, Dh] by position-dependent angles; cos, sin [T, Dh/2]."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
