@@ -1,0 +1,319 @@
+"""Train the visual tokenizer, then measure it on held-out images and save it.
+
+``train_tokenizer(TokenizerTrainConfig(...))`` is the whole pipeline: load images, train the
+autoencoder with L1 + L2 reconstruction loss (AdamW, warmup + cosine), log JSONL metrics,
+evaluate (PSNR, codebook usage, perplexity, encode throughput), write ``eval.json``,
+``recon.png``, ``train_config.json`` and the tokenizer files into ``out_dir``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image
+from tqdm import tqdm
+
+from tokenizer.metrics import code_perplexity, codebook_usage, psnr, psnr_per_image
+from tokenizer.model import Tokenizer, TokenizerConfig
+
+if TYPE_CHECKING:  # images.py is the lead's module; only its ImageSet shape (.images uint8 [N,H,W,C]) is used.
+    from tokenizer.images import ImageSet
+
+
+@dataclass
+class TokenizerTrainConfig:
+    """Everything a tokenizer run needs; fields map 1:1 to ``lvm tokenizer-train`` flags."""
+
+    data: str = "fashion-mnist"  # "fashion-mnist" | image folder | .npy/.npz | IDX file
+    split: str = "train"
+    eval_data: str = ""  # "" = same source as `data`
+    eval_split: str = "test"  # "" = hold out `eval_holdout` images of the training set instead
+    eval_holdout: int = 1000
+    limit: int = 0  # use at most this many training images (0 = all)
+    out_dir: str = "runs/tokenizer"
+    # model (see TokenizerConfig); 0 = take image size / channels from the data
+    image_size: int = 0
+    channels: int = 0
+    patch_size: int = 2
+    widths: str = "64,64"
+    blocks_per_level: int = 1
+    quantizer: str = "fsq"
+    fsq_levels: str = "8,5,5,5"
+    codebook_size: int = 1024
+    code_dim: int = 16
+    # optimisation
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 1e-4
+    l1_weight: float = 1.0
+    l2_weight: float = 1.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    # torch.set_num_threads on CPU (0 = leave torch's default). On a CPU shared with other jobs,
+    # 1 thread is several times faster per step than 2 (OpenMP threads wait on each other).
+    threads: int = 2
+    # logging / evaluation
+    log_every: int = 25
+    eval_every: int = 500  # periodic eval on the first `periodic_eval_images` held-out images (0 = off)
+    periodic_eval_images: int = 1000
+    recon_examples: int = 16
+    progress: bool = True
+
+    def model_config(self, image_size: int, channels: int) -> TokenizerConfig:
+        """The TokenizerConfig this run trains, with the data's size/channels filled in where 0."""
+        return TokenizerConfig(
+            image_size=self.image_size or image_size,
+            channels=self.channels or channels,
+            patch_size=self.patch_size,
+            widths=_int_list(self.widths, "widths"),
+            blocks_per_level=self.blocks_per_level,
+            quantizer=self.quantizer,
+            fsq_levels=_int_list(self.fsq_levels, "fsq_levels"),
+            codebook_size=self.codebook_size,
+            code_dim=self.code_dim,
+        )
+
+
+def train_tokenizer(
+    cfg: TokenizerTrainConfig,
+    train_set: "ImageSet | None" = None,
+    eval_set: "ImageSet | None" = None,
+) -> Tokenizer:
+    """Train, evaluate and save a tokenizer; pass already-loaded ImageSets to skip loading ``cfg.data``."""
+    threads_before = torch.get_num_threads()
+    try:
+        return _train(cfg, train_set, eval_set)
+    finally:  # the thread count is process-wide; give the caller theirs back
+        torch.set_num_threads(threads_before)
+
+
+def _train(cfg: TokenizerTrainConfig, train_set, eval_set) -> Tokenizer:
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    device = _resolve_device(cfg.device)
+    if device.type == "cpu" and cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+
+    train_u8, eval_u8 = _load_data(cfg, train_set, eval_set)  # uint8 [N, C, H, W] each
+    mcfg = cfg.model_config(image_size=train_u8.shape[-1], channels=train_u8.shape[1])
+    model = Tokenizer(mcfg).to(device)
+    (out / "train_config.json").write_text(
+        json.dumps({"train": asdict(cfg), "model": mcfg.to_dict(), "device": str(device)}, indent=2) + "\n"
+    )
+    eval_u8 = _check_images(eval_u8, mcfg, "eval")
+    train_u8 = _check_images(train_u8, mcfg, "train")
+
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.99))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    batches = _batches(len(train_u8), cfg.batch_size, gen)
+    log = (out / "metrics.jsonl").open("w")
+    bar = tqdm(range(1, cfg.steps + 1), desc="tokenizer", disable=not cfg.progress, dynamic_ncols=True)
+    step_times: list[float] = []
+    t_start = time.perf_counter()
+    model.train()
+    for step in bar:
+        t0 = time.perf_counter()
+        lr = _lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = train_u8[next(batches)].to(device, torch.float32) / 255.0  # [B, C, H, W] in [0, 1]
+        recon, _, aux = model(x)  # recon in [-1, 1] space
+        err = recon - (x * 2 - 1)
+        l1, l2 = err.abs().mean(), err.pow(2).mean()
+        loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        opt.step()
+        step_times.append(time.perf_counter() - t0)
+
+        if step % cfg.log_every == 0 or step == 1 or step == cfg.steps:
+            rec = {
+                "step": step, "loss": loss.item(), "l1": l1.item(), "l2": l2.item(), "aux": aux.item(), "lr": lr,
+                "grad_norm": None if gnorm is None else gnorm.item(),
+                "step_time_s": step_times[-1], "elapsed_s": time.perf_counter() - t_start,
+            }
+            _write(log, rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}")
+        if cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != cfg.steps:
+            ev = evaluate(model, eval_u8[: cfg.periodic_eval_images])
+            _write(log, {"step": step, **{f"eval_{k}": v for k, v in ev.items()}})
+            model.train()
+    train_wall = time.perf_counter() - t_start
+    bar.close()
+
+    model.eval()
+    result = evaluate(model, eval_u8)
+    result.update(
+        n_eval=len(eval_u8), n_train=len(train_u8), vocab_size=model.vocab_size, grid=list(model.grid),
+        tokens_per_image=model.grid[0] * model.grid[1], steps=cfg.steps, batch_size=cfg.batch_size,
+        train_wall_s=train_wall, step_time_s_median=float(np.median(step_times)) if step_times else None,
+        encode_images_per_s=encode_throughput(model, eval_u8), encode_device=str(device),
+        threads=torch.get_num_threads(), torch_version=torch.__version__,
+    )
+    _write(log, {"step": cfg.steps, **{f"eval_{k}": result[k] for k in ("psnr_db", "codebook_usage", "perplexity")}})
+    log.close()
+    save_recon_grid(model, eval_u8[: cfg.recon_examples], out / "recon.png")
+    model.save_pretrained(out)
+    result["fingerprint"] = model.fingerprint()
+    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    return model
+
+
+@torch.no_grad()
+def evaluate(model: Tokenizer, images_u8: torch.Tensor, batch_size: int = 500) -> dict:
+    """Reconstruct ``uint8 [N, C, H, W]`` through the tokens: PSNR (dB), usage (0..1), perplexity."""
+    if len(images_u8) == 0:
+        raise ValueError("evaluate: no held-out images; give eval data or a nonzero eval_holdout.")
+    ids, recons = [], []
+    for chunk in images_u8.split(batch_size):
+        x = chunk.float() / 255.0
+        t = model.encode(x)  # [b, h, w]
+        ids.append(t)
+        recons.append(model.decode(t))
+    ids_all, rec = torch.cat(ids), torch.cat(recons)
+    target = images_u8.float() / 255.0
+    return {
+        "psnr_db": psnr(rec, target),
+        "psnr_per_image_mean_db": psnr_per_image(rec, target).mean().item(),
+        "codebook_usage": codebook_usage(ids_all, model.vocab_size),
+        "perplexity": code_perplexity(ids_all, model.vocab_size),
+    }
+
+
+@torch.no_grad()
+def encode_throughput(model: Tokenizer, images_u8: torch.Tensor, batch_size: int = 256, repeats: int = 5) -> float:
+    """Images per second through ``encode`` at ``batch_size`` (median of ``repeats`` timed batches)."""
+    x = images_u8[:batch_size].float() / 255.0
+    if len(x) < batch_size:  # tile small eval sets so the batch size is what the figure says
+        x = x.repeat(math.ceil(batch_size / max(len(x), 1)), 1, 1, 1)[:batch_size]
+    model.encode(x)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model.encode(x)
+        times.append(time.perf_counter() - t0)
+    return batch_size / float(np.median(times))
+
+
+def save_recon_grid(model: Tokenizer, images_u8: torch.Tensor, path: str | Path, min_tile: int = 96) -> Path:
+    """PNG with originals on the top row and their reconstructions (through the tokens) below."""
+    recon = model.decode(model.encode(images_u8.float() / 255.0))  # [n, C, H, W] in [0, 1]
+    orig = images_u8.float() / 255.0
+    rows = torch.stack([orig, recon])  # [2, n, C, H, W]
+    grid = (rows.clamp(0, 1) * 255).round().to(torch.uint8)
+    grid = rearrange(grid, "r n c h w -> (r h) (n w) c").numpy()
+    scale = max(1, math.ceil(min_tile / images_u8.shape[-1]))
+    img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img.save(path)
+    return Path(path)
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+
+def _load_data(cfg: TokenizerTrainConfig, train_set, eval_set) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and held-out images as ``uint8 [N, C, H, W]`` tensors."""
+    size, ch = cfg.image_size or None, cfg.channels or None
+    if train_set is None:
+        from tokenizer.images import load_images
+
+        train_set = load_images(
+            cfg.data, split=cfg.split, size=size, channels=ch, limit=cfg.limit or None, progress=cfg.progress
+        )
+    train = _to_nchw(train_set.images, "train")
+    if cfg.limit:
+        train = train[: cfg.limit]
+    if eval_set is None and cfg.eval_split:
+        from tokenizer.images import load_images
+
+        eval_set = load_images(
+            cfg.eval_data or cfg.data, split=cfg.eval_split, size=size, channels=ch, progress=cfg.progress
+        )
+    if eval_set is not None:
+        return train, _to_nchw(eval_set.images, "eval")
+    n_hold = min(cfg.eval_holdout, len(train) // 2)
+    if n_hold <= 0:
+        raise ValueError(f"eval_holdout={cfg.eval_holdout} with {len(train)} training images leaves nothing to evaluate.")
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + 1))
+    return train[perm[n_hold:]], train[perm[:n_hold]]
+
+
+def _to_nchw(images: np.ndarray, which: str) -> torch.Tensor:
+    arr = np.asarray(images)
+    if arr.dtype != np.uint8 or arr.ndim != 4:
+        raise ValueError(f"{which} images must be uint8 [N, H, W, C]; got {arr.dtype} {arr.shape}.")
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).contiguous()  # [N, C, H, W]
+
+
+def _check_images(x: torch.Tensor, mcfg: TokenizerConfig, which: str) -> torch.Tensor:
+    want = (mcfg.channels, mcfg.image_size, mcfg.image_size)
+    if tuple(x.shape[1:]) != want:
+        raise ValueError(
+            f"{which} images are {tuple(x.shape[1:])} (C, H, W) but the tokenizer expects {want}; "
+            "set image_size/channels so load_images resizes them, or leave them 0 to follow the data."
+        )
+    if len(x) == 0:
+        raise ValueError(f"no {which} images were loaded; check the data source and split.")
+    return x
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator):
+    """Endless index batches, a fresh permutation each epoch (deterministic given the generator)."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size}; use a positive batch size.")
+    while True:
+        perm = torch.randperm(n, generator=gen)
+        if n < batch_size:
+            yield perm
+            continue
+        for i in range(0, n - batch_size + 1, batch_size):
+            yield perm[i : i + batch_size]
+
+
+def _lr_at(step: int, cfg: TokenizerTrainConfig) -> float:
+    """Linear warmup then cosine decay to ``lr * min_lr_ratio``."""
+    if step <= cfg.warmup_steps:
+        return cfg.lr * step / max(cfg.warmup_steps, 1)
+    t = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay conv weights only: decaying norm gains and biases just fights the normalisation."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available; use device='cpu' or 'auto'.")
+    return torch.device(device)
+
+
+def _int_list(text: str, name: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in str(text).replace(" ", "").split(",") if v)
+    except ValueError:
+        raise ValueError(f"{name}={text!r}; give comma-separated integers, e.g. '32,64,64'.") from None
+
+
+def _write(f, rec: dict) -> None:
+    f.write(json.dumps(rec) + "\n")
+    f.flush()
