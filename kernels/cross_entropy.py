@@ -17,6 +17,9 @@ and its gradient w.r.t. x_j:  p_j * (1 + 2 z lse) - (1 - eps) [j == t] - eps / V
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -95,11 +98,17 @@ def default_chunk_size(n_tokens: int, vocab: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
 class _Options:
     """Non-tensor arguments, bundled so autograd.Function.apply stays readable."""
 
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
+    ignore_index: int
+    reduction: str
+    label_smoothing: float
+    z_loss: float
+    chunk_size: int
+    softmax_step: Callable
+    needs_grad: bool
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -108,11 +117,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         hidden, target = hidden.contiguous(), target.contiguous()
         ctx.opt = opt
         ctx.has_bias = bias is not None
-        n_valid = int((target != opt.ignore_index).sum())
         if opt.reduction == "none":
             losses, _ = _chunk_loop(hidden, weight, bias, target, opt, row_scale=None, want_grads=False)
             ctx.save_for_backward(hidden, weight, bias, target)
             return losses
+        n_valid = int((target != opt.ignore_index).sum())  # one host sync per call
         scale = 1.0 / max(n_valid, 1) if opt.reduction == "mean" else 1.0
         losses, grads = _chunk_loop(hidden, weight, bias, target, opt, scale=scale, want_grads=opt.needs_grad)
         if grads is not None:
@@ -124,7 +133,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         opt = ctx.opt
         if opt.reduction == "none":
             hidden, weight, bias, target = ctx.saved_tensors
-            _, grads = _chunk_loop(hidden, weight, bias, target, opt, row_scale=grad_out.float().contiguous(), want_grads=True)
+            row_scale = grad_out.float().contiguous()  # [N]: per-token upstream gradient
+            _, grads = _chunk_loop(hidden, weight, bias, target, opt, row_scale=row_scale, want_grads=True)
         else:
             grads = [g * grad_out.to(g.dtype) if g is not None else None for g in ctx.saved_tensors]
         d_hidden, d_weight, d_bias = grads
@@ -175,7 +185,7 @@ def _chunk_loop(hidden, weight, bias, target, opt, scale=1.0, row_scale=None, wa
 
 def _softmax_step_torch(logits, target, opt, scale, row_scale, want_grads):
     """The CPU default: log_softmax (one vectorised pass, faster than logsumexp on CPU) + in-place ops."""
-    c, v = logits.shape
+    v = logits.shape[1]
     valid = target != opt.ignore_index  # [C]
     t = torch.where(valid, target, 0).unsqueeze(1)  # [C, 1]
     eps, z = opt.label_smoothing, opt.z_loss
