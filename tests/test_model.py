@@ -77,6 +77,17 @@ def test_loss_backward_reaches_every_parameter():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_init_scales_residual_outputs_by_depth():
+    model = LVM(LVMConfig(vocab_size=V, n_layer=8, n_head=2, d_model=128))
+    residual = 0.02 / math.sqrt(2 * 8)
+    for block in model.blocks:
+        assert block.attn.proj.weight.std().item() == pytest.approx(residual, rel=0.1)
+        assert block.mlp.w_out.weight.std().item() == pytest.approx(residual, rel=0.1)
+        assert block.attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.1)
+        assert torch.equal(block.norm_attn.weight, torch.ones(128))
+    assert model.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.1)
+
+
 def test_causal_future_tokens_do_not_change_past_logits():
     model = tiny()
     ids = rand_ids(2, 30)
