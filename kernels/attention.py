@@ -35,7 +35,7 @@ def flash_attention(
     path = resolve_backend(backend, q.device, "flash_attention")
     if path == "triton":
         _check_inputs(q, k, v)
-        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        scale = _check_scale(q, scale)
         return _FlashAttention.apply(q, k, v, bool(causal), scale)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
@@ -67,7 +67,7 @@ def attention_with_lse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton forward that also returns the natural-log LSE ``[B, H, N]`` (fp32); no autograd."""
     _check_inputs(q, k, v)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = _check_scale(q, scale)
     return _forward(q.contiguous(), k.contiguous(), v.contiguous(), causal, scale)
 
 
@@ -98,6 +98,14 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"flash_attention (triton): dtype {q.dtype} unsupported; use float32, float16 or bfloat16.")
     if not (q.device == k.device == v.device):
         raise ValueError(f"flash_attention: q, k, v live on different devices ({q.device}, {k.device}, {v.device}).")
+
+
+def _check_scale(q: torch.Tensor, scale: float | None) -> float:
+    """The kernels take the row max of unscaled scores, which is only the max of scaled ones if scale > 0."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not scale > 0:
+        raise ValueError(f"flash_attention (triton): scale={scale} must be > 0; use backend='torch' otherwise.")
+    return scale
 
 
 @dataclass(frozen=True)
@@ -246,17 +254,16 @@ if HAS_TRITON:
             else:
                 k = tl.load(k_base + kv_off, mask=offs_n[:, None] < N, other=0.0)
                 v = tl.load(v_base + kv_off, mask=offs_n[:, None] < N, other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
-            if DIAG:
-                keep = offs_m[:, None] >= offs_n[None, :]
-                if not EVEN_N:
-                    keep = keep & (offs_n[None, :] < N)
-                qk = tl.where(keep, qk, float("-inf"))
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N], unscaled
+            if DIAG:  # a padded key (n >= N) is visible only to padded queries (m >= n), never stored
+                qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk, float("-inf"))
             elif not EVEN_N:
                 qk = tl.where(offs_n[None, :] < N, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # log2 units; needs qk_scale > 0
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
-            p = tl.math.exp2(qk - m_safe[:, None])
+            # one FMA per score on GPU: the product is not rounded before the shift, so large
+            # logits keep their precision
+            p = tl.math.exp2(qk * qk_scale - m_safe[:, None])
             alpha = tl.math.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -338,15 +345,13 @@ if HAS_TRITON:
                 lse = tl.load(lse_base + offs_m, mask=offs_m < N, other=0.0)
                 delta = tl.load(delta_base + offs_m, mask=offs_m < N, other=0.0)
             # P^T [BLOCK_N, BLOCK_M] recomputed from the saved LSE (log2 units)
-            qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-            pT = tl.math.exp2(qkT - lse[None, :] * 1.4426950408889634)
-            if DIAG:
-                keep = offs_m[None, :] >= offs_n[:, None]
-                if not EVEN_N:
-                    keep = keep & (offs_m[None, :] < N) & (offs_n[:, None] < N)
-                pT = tl.where(keep, pT, 0.0)
+            # masks go on the exponent: exp2(-inf) = 0 where exp2(score - lse) of a padded key could overflow
+            logit = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse[None, :] * 1.4426950408889634
+            if DIAG:  # padded keys are visible only to padded queries, whose dO and delta are zero
+                logit = tl.where(offs_m[None, :] >= offs_n[:, None], logit, float("-inf"))
             elif not EVEN_N:
-                pT = tl.where((offs_m[None, :] < N) & (offs_n[:, None] < N), pT, 0.0)
+                logit = tl.where(offs_n[:, None] < N, logit, float("-inf"))
+            pT = tl.math.exp2(logit)
             dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
             dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
             dsT = pT * (dpT - delta[None, :])
@@ -409,15 +414,12 @@ if HAS_TRITON:
             else:
                 k = tl.load(k_base + kv_off, mask=offs_n[:, None] < N, other=0.0)
                 v = tl.load(v_base + kv_off, mask=offs_n[:, None] < N, other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-            p = tl.math.exp2(qk - lse2[:, None])
-            if DIAG:
-                keep = offs_m[:, None] >= offs_n[None, :]
-                if not EVEN_N:
-                    keep = keep & (offs_n[None, :] < N)
-                p = tl.where(keep, p, 0.0)
-            elif not EVEN_N:
-                p = tl.where(offs_n[None, :] < N, p, 0.0)
+            logit = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None]  # [BLOCK_M, BLOCK_N]
+            if DIAG:  # as in the forward, the causal mask alone hides padded keys from real queries
+                logit = tl.where(offs_m[:, None] >= offs_n[None, :], logit, float("-inf"))
+            elif not EVEN_N:  # masked on the exponent: exp2(-lse) of a zero-padded key can overflow
+                logit = tl.where(offs_n[None, :] < N, logit, float("-inf"))
+            p = tl.math.exp2(logit)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
