@@ -133,8 +133,12 @@ class LVM(nn.Module):
         top_p: float | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        token_limit: int | None = None,
     ) -> torch.Tensor:
         """Continue ``ids`` [B, T0] by ``max_new_tokens`` sampled tokens -> [B, T0 + new]; temperature 0 is greedy.
+
+        ``token_limit`` restricts sampling to ids below it (the codebook), so special tokens never
+        land inside a generated image.
 
         With ``use_cache`` the prompt is run once (prefill) and each new token attends to a
         preallocated KV cache; without it the whole sequence is recomputed every step (the
@@ -159,6 +163,8 @@ class LVM(nn.Module):
             for i in range(max_new_tokens):
                 if not use_cache:
                     logits = self(out).logits[:, -1]  # [B, V]
+                if token_limit is not None:
+                    logits[:, token_limit:] = float("-inf")
                 token = sample_next(logits, temperature, top_k, top_p, generator)  # [B, 1]
                 out = torch.cat([out, token], dim=1)
                 if use_cache and i + 1 < max_new_tokens:

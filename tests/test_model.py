@@ -173,6 +173,15 @@ def test_sampling_is_deterministic_under_a_seeded_generator():
     assert torch.equal(run(3, top_k=1), greedy)
 
 
+def test_token_limit_keeps_samples_below_it():
+    model = tiny()
+    prompt = rand_ids(4, 5)
+    free = model.generate(prompt, 30, generator=torch.Generator().manual_seed(0))
+    limited = model.generate(prompt, 30, generator=torch.Generator().manual_seed(0), token_limit=17)
+    assert free[:, 5:].max() >= 17  # without the limit, ids above it do get sampled
+    assert limited[:, 5:].max() < 17
+
+
 def test_generate_length_error_names_both_numbers():
     model = tiny()
     with pytest.raises(ValueError, match=r"100.*\b29\b.*max_seq_len 128"):
