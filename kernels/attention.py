@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import HAS_TRITON, TRITON_INTERPRET, resolve_backend
+from kernels.dispatch import HAS_TRITON, resolve_backend
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 LOG2E = 1.4426950408889634  # log2(e): folded into the scale so the kernels can use exp2
@@ -96,6 +96,11 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"flash_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one.")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"flash_attention (triton): dtype {q.dtype} unsupported; use float32, float16 or bfloat16.")
+    if q.dtype == torch.bfloat16 and q.device.type != "cuda":
+        raise ValueError(
+            "flash_attention (triton): bfloat16 is wrong under the Triton CPU interpreter (its bf16 dot "
+            "is broken); use float32/float16 on CPU, or backend='torch'."
+        )
     if not (q.device == k.device == v.device):
         raise ValueError(f"flash_attention: q, k, v live on different devices ({q.device}, {k.device}, {v.device}).")
 

@@ -162,6 +162,13 @@ def test_unsupported_head_dim_raises_naming_d(D):
     assert str(SUPPORTED_HEAD_DIMS) in str(info.value)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter only")
+def test_bf16_under_interpreter_raises():
+    q = torch.randn(1, 1, 8, 32, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16"):
+        flash_attention(q, q, q, backend="triton")
+
+
 def test_mismatched_shapes_raise():
     q = torch.randn(1, 1, 8, 32, device=DEVICE)
     with pytest.raises(ValueError, match="same"):
