@@ -225,3 +225,41 @@ def test_holdout_split_when_no_eval_split(tmp_path):
     train_tokenizer(cfg)
     ev = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert ev["n_eval"] == 8 and ev["n_train"] == 32
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    import tokenizer.train as tt
+
+    images = blobs(48, seed=3)
+    train = ImageSet(images=images[:32], labels=None, class_names=None, source="synthetic")
+    held = ImageSet(images=images[32:], labels=None, class_names=None, source="synthetic")
+
+    def cfg(out):
+        return TokenizerTrainConfig(
+            out_dir=str(tmp_path / out), patch_size=1, widths="8,16", fsq_levels="4,3,3", steps=10, batch_size=8,
+            warmup_steps=2, log_every=1, eval_every=0, checkpoint_every=4, recon_examples=2, progress=False, threads=1,
+        )
+
+    straight = train_tokenizer(cfg("a"), train_set=train, eval_set=held)
+
+    real_lr = tt._lr_at
+
+    def crash_at_6(step, c):
+        if step == 6:
+            raise KeyboardInterrupt
+        return real_lr(step, c)
+
+    monkeypatch.setattr(tt, "_lr_at", crash_at_6)
+    with pytest.raises(KeyboardInterrupt):
+        train_tokenizer(cfg("b"), train_set=train, eval_set=held)
+    assert not (tmp_path / "b" / "eval.json").exists()
+    monkeypatch.setattr(tt, "_lr_at", real_lr)
+    resumed = train_tokenizer(cfg("b"), train_set=train, eval_set=held)
+    assert resumed.fingerprint() == straight.fingerprint()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[:10] == list(range(1, 11))  # no duplicated steps 5 after the resume at step 4
+
+    changed = cfg("b")
+    changed.lr = 1.0
+    with pytest.raises(ValueError, match="resume=False"):
+        train_tokenizer(changed, train_set=train, eval_set=held)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from tqdm import tqdm
 
 from tokenizer.metrics import code_perplexity, codebook_usage, psnr, psnr_per_image
 from tokenizer.model import Tokenizer, TokenizerConfig
+
+STATE_NAME = "train_state.pt"
 
 if TYPE_CHECKING:  # images.py is the lead's module; only its ImageSet shape (.images uint8 [N,H,W,C]) is used.
     from tokenizer.images import ImageSet
@@ -49,7 +52,7 @@ class TokenizerTrainConfig:
     codebook_size: int = 1024
     code_dim: int = 16
     # optimisation
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 128
     lr: float = 2e-3
     warmup_steps: int = 100
@@ -62,13 +65,15 @@ class TokenizerTrainConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     # torch.set_num_threads on CPU (0 = leave torch's default). On a CPU shared with other jobs,
     # 1 thread is several times faster per step than 2 (OpenMP threads wait on each other).
-    threads: int = 2
+    threads: int = 1
     # logging / evaluation
     log_every: int = 25
-    eval_every: int = 500  # periodic eval on the first `periodic_eval_images` held-out images (0 = off)
+    eval_every: int = 250  # periodic eval on the first `periodic_eval_images` held-out images (0 = off)
     periodic_eval_images: int = 1000
     recon_examples: int = 16
     progress: bool = True
+    checkpoint_every: int = 200  # write train_state.pt every this many steps (0 = never)
+    resume: bool = True  # continue from out_dir/train_state.pt when it exists
 
     def model_config(self, image_size: int, channels: int) -> TokenizerConfig:
         """The TokenizerConfig this run trains, with the data's size/channels filled in where 0."""
@@ -116,19 +121,19 @@ def _train(cfg: TokenizerTrainConfig, train_set, eval_set) -> Tokenizer:
     train_u8 = _check_images(train_u8, mcfg, "train")
 
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.99))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    batches = _batches(len(train_u8), cfg.batch_size, gen)
-    log = (out / "metrics.jsonl").open("w")
-    bar = tqdm(range(1, cfg.steps + 1), desc="tokenizer", disable=not cfg.progress, dynamic_ncols=True)
+    batches = EpochBatches(len(train_u8), cfg.batch_size, cfg.seed)
+    start, prior_s = _maybe_resume(cfg, model, opt, out / STATE_NAME)
+    log = _open_log(out / "metrics.jsonl", keep_up_to=start)
+    bar = tqdm(range(start + 1, cfg.steps + 1), desc="tokenizer", disable=not cfg.progress, dynamic_ncols=True)
     step_times: list[float] = []
-    t_start = time.perf_counter()
+    t_start = time.perf_counter() - prior_s
     model.train()
     for step in bar:
         t0 = time.perf_counter()
         lr = _lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        x = train_u8[next(batches)].to(device, torch.float32) / 255.0  # [B, C, H, W] in [0, 1]
+        x = train_u8[batches.at(step)].to(device, torch.float32) / 255.0  # [B, C, H, W] in [0, 1]
         recon, _, aux = model(x)  # recon in [-1, 1] space
         err = recon - (x * 2 - 1)
         l1, l2 = err.abs().mean(), err.pow(2).mean()
@@ -151,6 +156,8 @@ def _train(cfg: TokenizerTrainConfig, train_set, eval_set) -> Tokenizer:
             ev = evaluate(model, eval_u8[: cfg.periodic_eval_images])
             _write(log, {"step": step, **{f"eval_{k}": v for k, v in ev.items()}})
             model.train()
+        if cfg.checkpoint_every > 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+            _save_state(out / STATE_NAME, cfg, model, opt, step, time.perf_counter() - t_start)
     train_wall = time.perf_counter() - t_start
     bar.close()
 
@@ -256,7 +263,8 @@ def _to_nchw(images: np.ndarray, which: str) -> torch.Tensor:
     arr = np.asarray(images)
     if arr.dtype != np.uint8 or arr.ndim != 4:
         raise ValueError(f"{which} images must be uint8 [N, H, W, C]; got {arr.dtype} {arr.shape}.")
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).contiguous()  # [N, C, H, W]
+    # own copy: the source may be a read-only memmap/buffer, and training must not alias it
+    return torch.from_numpy(np.array(arr, copy=True)).permute(0, 3, 1, 2).contiguous()  # [N, C, H, W]
 
 
 def _check_images(x: torch.Tensor, mcfg: TokenizerConfig, which: str) -> torch.Tensor:
@@ -271,17 +279,64 @@ def _check_images(x: torch.Tensor, mcfg: TokenizerConfig, which: str) -> torch.T
     return x
 
 
-def _batches(n: int, batch_size: int, gen: torch.Generator):
-    """Endless index batches, a fresh permutation each epoch (deterministic given the generator)."""
-    if batch_size <= 0:
-        raise ValueError(f"batch_size={batch_size}; use a positive batch size.")
-    while True:
-        perm = torch.randperm(n, generator=gen)
-        if n < batch_size:
-            yield perm
-            continue
-        for i in range(0, n - batch_size + 1, batch_size):
-            yield perm[i : i + batch_size]
+class EpochBatches:
+    """Index batch for any step: a fresh seeded permutation per epoch, so a resumed run sees the same data."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size={batch_size}; use a positive batch size.")
+        self.n, self.batch_size, self.seed = n, min(batch_size, n), seed
+        self.per_epoch = n // self.batch_size  # the ragged tail of each epoch is dropped
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def at(self, step: int) -> torch.Tensor:
+        """Indices ``[batch_size]`` for 1-based ``step``."""
+        epoch, pos = divmod(step - 1, self.per_epoch)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen)
+        return self._perm[pos * self.batch_size : (pos + 1) * self.batch_size]
+
+
+def _save_state(path: Path, cfg: TokenizerTrainConfig, model, opt, step: int, elapsed_s: float) -> None:
+    """Write the resume state atomically (temp file, then rename)."""
+    state = {"step": step, "elapsed_s": elapsed_s, "config": _run_identity(cfg),
+             "model": model.state_dict(), "optimizer": opt.state_dict()}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _maybe_resume(cfg: TokenizerTrainConfig, model, opt, path: Path) -> tuple[int, float]:
+    """(step to continue after, seconds already spent); (0, 0) for a fresh run."""
+    if not (cfg.resume and path.is_file()):
+        return 0, 0.0
+    state = torch.load(path, map_location=model.device, weights_only=True)
+    if state["config"] != _run_identity(cfg):
+        raise ValueError(
+            f"{path} was written by a run with different settings ({state['config']}); "
+            "use another out_dir, delete that file, or pass resume=False to start over."
+        )
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    return int(state["step"]), float(state["elapsed_s"])
+
+
+def _run_identity(cfg: TokenizerTrainConfig) -> dict:
+    """The settings a resumed run must share with the run that wrote the state."""
+    skip = {"out_dir", "progress", "resume", "checkpoint_every", "log_every", "eval_every", "recon_examples"}
+    return {k: v for k, v in asdict(cfg).items() if k not in skip}
+
+
+def _open_log(path: Path, keep_up_to: int):
+    """Open metrics.jsonl: fresh for a new run, trimmed to ``step <= keep_up_to`` when resuming."""
+    kept = []
+    if keep_up_to > 0 and path.is_file():
+        kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= keep_up_to]
+    f = path.open("w")
+    for ln in kept:
+        f.write(ln + "\n")
+    return f
 
 
 def _lr_at(step: int, cfg: TokenizerTrainConfig) -> float:
