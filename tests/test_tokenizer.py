@@ -68,9 +68,11 @@ def test_rgb_tokenizer_runs():
     assert tok.decode(ids).shape == (2, 3, 16, 16)
 
 
-def test_encode_is_deterministic_and_leaves_training_mode():
-    tok = tiny()
+@pytest.mark.parametrize("quantizer", ["fsq", "vq"])
+def test_encode_is_deterministic_and_leaves_training_mode(quantizer):
+    tok = tiny(quantizer=quantizer, codebook_size=32, code_dim=4)
     tok.train()
+    tok(torch.rand(16, 1, 16, 16))  # VQ: k-means init + EMA update happen here, never inside encode
     x = torch.rand(6, 1, 16, 16)
     a, b = tok.encode(x), tok.encode(x)
     assert torch.equal(a, b)
