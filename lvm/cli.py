@@ -32,6 +32,18 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "lvm.train", "TrainConfig", "train",
         "pretrain the LVM on token shards (resumable; works under torchrun)",
     ),
+    "generate": (
+        "lvm.generate", "GenerateConfig", "generate",
+        "continue or complete images with a trained LVM; writes a PNG grid and token ids",
+    ),
+    "probe": (
+        "lvm.probe", "ProbeConfig", "run_probe",
+        "label-efficiency curves of linear probes on LVM features vs baselines",
+    ),
+    "quickstart": (
+        "lvm.quickstart", "QuickstartConfig", "quickstart",
+        "the whole pipeline on Fashion-MNIST into one folder with a report (resumable)",
+    ),
 }
 
 
@@ -104,6 +116,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from tokenizer.images import ImageSourceError
     from tokenizer.shards import ShardError
 
+    # DataError, ProbeError and CheckpointMismatch are ValueErrors.
     return (ImageSourceError, ShardError, TrainingDiverged, FileNotFoundError, NotADirectoryError, ValueError)
 
 

@@ -101,6 +101,7 @@ def train(cfg: TrainConfig) -> dict:
         train_set, eval_set = sentences.split(cfg.eval_fraction, seed=cfg.seed)
     data_info = {
         "tokenizer_fingerprint": train_set.tokenizer_fingerprint,
+        "tokenizer_path": train_set.main.meta.get("tokenizer_path"),
         "grid": train_set.main.meta["grid"],
         "codebook_size": train_set.special.codebook_size,
         "kind": cfg.kind,

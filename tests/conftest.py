@@ -30,3 +30,32 @@ def fashion_mnist_dir():
     if not os.path.isdir(FASHION_MNIST_DIR):
         pytest.skip("dataset-fashion-mnist is not installed (apt-get install -y dataset-fashion-mnist)")
     return FASHION_MNIST_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """A labelled 16x16 image set, an (untrained) tiny tokenizer, its shards, and a tiny LVM
+    trained a few steps: the smallest complete stack for generate/probe/quickstart tests."""
+    import numpy as np
+
+    from lvm.train import TrainConfig, train
+    from tokenizer.images import load_images
+    from tokenizer.model import Tokenizer, TokenizerConfig
+    from tokenizer.shards import write_token_shards
+
+    root = tmp_path_factory.mktemp("pipeline")
+    rng = np.random.default_rng(0)
+    labels = np.arange(120) % 3
+    images = rng.integers(0, 60, (120, 16, 16), dtype=np.uint8)
+    for i, c in enumerate(labels):  # class = which horizontal band is bright
+        images[i, 5 * c : 5 * c + 5] += 180
+    np.savez(root / "images.npz", images=images, labels=labels)
+    torch.manual_seed(0)
+    tok = Tokenizer(TokenizerConfig(image_size=16, widths=(16, 16), fsq_levels=(4, 4)))
+    tok.save_pretrained(root / "tokenizer")
+    write_token_shards(tok, load_images(root / "images.npz"), root / "shards", progress=False,
+                       extra_meta={"tokenizer_path": str(root / "tokenizer")})
+    train(TrainConfig(data=str(root / "shards"), out=str(root / "lvm"), preset="tiny", context_len=64, steps=3,
+                      batch_size=4, eval_every=3, ckpt_every=3, eval_rows=2, eval_fraction=0.1, progress=False))
+    return {"root": root, "npz": str(root / "images.npz"), "tokenizer": str(root / "tokenizer"),
+            "shards": str(root / "shards"), "lvm": str(root / "lvm"), "tok": tok}

@@ -102,22 +102,22 @@ def test_save_load_round_trip_is_identical(tmp_path, quantizer):
     meta = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert meta["vocab_size"] == tok.vocab_size and meta["grid"] == [8, 8]
     assert meta["image_size"] == 16 and meta["channels"] == 1 and "normalisation" in meta
-    assert meta["fingerprint"] == tok.fingerprint() and len(meta["fingerprint"]) == 16
+    assert meta["fingerprint"] == tok.fingerprint and len(meta["fingerprint"]) == 16
 
     loaded = Tokenizer.from_pretrained(tmp_path)
     x = torch.rand(4, 1, 16, 16)
     ids = tok.encode(x)
     assert torch.equal(loaded.encode(x), ids)
     assert torch.equal(loaded.decode(ids), tok.decode(ids))
-    assert loaded.fingerprint() == tok.fingerprint()
+    assert loaded.fingerprint == tok.fingerprint
 
 
 def test_fingerprint_changes_with_weights():
     a, b = tiny(), tiny()
-    assert a.fingerprint() == b.fingerprint()  # same seed, same config
+    assert a.fingerprint == b.fingerprint  # same seed, same config
     with torch.no_grad():
         next(b.parameters()).add_(1e-3)
-    assert a.fingerprint() != b.fingerprint()
+    assert a.fingerprint != b.fingerprint
 
 
 def test_tampered_weights_are_rejected(tmp_path):
@@ -203,7 +203,7 @@ def test_tiny_training_run_writes_everything_and_learns(tmp_path):
     assert any("eval_psnr_db" in r for r in recs)
     ev = json.loads((out / "eval.json").read_text())
     assert ev["n_eval"] == 32 and ev["grid"] == [8, 8] and ev["vocab_size"] == 36
-    assert ev["fingerprint"] == tok.fingerprint()
+    assert ev["fingerprint"] == tok.fingerprint
     assert 0 < ev["codebook_usage"] <= 1 and 1 <= ev["perplexity"] <= 36 and ev["encode_images_per_s"] > 0
     # untrained tokenizer of the same shape reconstructs much worse than the trained one
     untrained_psnr = psnr(tiny().decode(tiny().encode(held.images)), torch.from_numpy(held.images).permute(0, 3, 1, 2) / 255.0)
@@ -257,7 +257,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     assert not (tmp_path / "b" / "eval.json").exists()
     monkeypatch.setattr(tt, "_lr_at", real_lr)
     resumed = train_tokenizer(cfg("b"), train_set=train, eval_set=held)
-    assert resumed.fingerprint() == straight.fingerprint()
+    assert resumed.fingerprint == straight.fingerprint
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps[:10] == list(range(1, 11))  # no duplicated steps 5 after the resume at step 4
 

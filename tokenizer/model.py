@@ -168,6 +168,7 @@ class Tokenizer(nn.Module):
         c, s = self.config.channels, self.config.image_size
         return torch.cat(out) if out else torch.empty(0, c, s, s)
 
+    @property
     def fingerprint(self) -> str:
         """Short sha256 of config + weights, so token shards can be checked against their tokenizer."""
         h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
@@ -190,7 +191,7 @@ class Tokenizer(nn.Module):
             "grid": list(self.grid),
             # encode() takes [0, 1] floats (or uint8 / 255); the network sees (x - mean) / std.
             "normalisation": {"input_range": [0.0, 1.0], "mean": 0.5, "std": 0.5},
-            "fingerprint": self.fingerprint(),
+            "fingerprint": self.fingerprint,
         }
         tmp_w, tmp_c = directory / (WEIGHTS_NAME + ".tmp"), directory / (CONFIG_NAME + ".tmp")
         save_file(tensors, str(tmp_w), metadata={"fingerprint": meta["fingerprint"]})
@@ -222,10 +223,10 @@ class Tokenizer(nn.Module):
             )
         model.to(map_location).eval()
         stored = meta.get("fingerprint")
-        if stored is not None and stored != model.fingerprint():
+        if stored is not None and stored != model.fingerprint:
             raise ValueError(
                 f"fingerprint in {directory / CONFIG_NAME} ({stored}) does not match the weights "
-                f"({model.fingerprint()}); the files were modified or mixed up. Re-save the tokenizer."
+                f"({model.fingerprint}); the files were modified or mixed up. Re-save the tokenizer."
             )
         return model
 

@@ -71,8 +71,13 @@ def write_token_shards(
     batch_size: int = 256,
     overwrite: bool = False,
     progress: bool = True,
+    extra_meta: dict | None = None,
 ) -> dict:
-    """Encode ``images`` into ``out_dir``; resumes a half-finished run, skips a finished one."""
+    """Encode ``images`` into ``out_dir``; resumes a half-finished run, skips a finished one.
+
+    ``extra_meta`` (e.g. where the tokenizer lives) is stored in meta.json but is not part of the
+    identity that decides whether existing shards can be reused.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if batch_size < 1:
@@ -123,7 +128,8 @@ def write_token_shards(
     del tokens
 
     os.replace(out / PARTIAL_FILE, out / TOKENS_FILE)
-    meta = {**identity, "tokens_file": TOKENS_FILE, "labels_file": None, "class_names": images.class_names}
+    meta = {**identity, "tokens_file": TOKENS_FILE, "labels_file": None, "class_names": images.class_names,
+            **(extra_meta or {})}
     if images.labels is not None:
         tmp = out / (LABELS_FILE + ".tmp")
         with open(tmp, "wb") as f:
@@ -188,7 +194,8 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
     if cfg.transform != "none":
         images.images = transform_images(images.images, cfg.transform)
         images.source = f"{images.source}|{cfg.transform}"
-    meta = write_token_shards(tok, images, cfg.out, cfg.batch_size, cfg.overwrite)
+    extra = {"tokenizer_path": str(Path(cfg.tokenizer).resolve())}
+    meta = write_token_shards(tok, images, cfg.out, cfg.batch_size, cfg.overwrite, extra_meta=extra)
     _write_json_atomic(Path(cfg.out) / "tokenize_config.json", asdict(cfg))
     return meta
 

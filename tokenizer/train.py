@@ -174,7 +174,7 @@ def _train(cfg: TokenizerTrainConfig, train_set, eval_set) -> Tokenizer:
     log.close()
     save_recon_grid(model, eval_u8[: cfg.recon_examples], out / "recon.png")
     model.save_pretrained(out)
-    result["fingerprint"] = model.fingerprint()
+    result["fingerprint"] = model.fingerprint
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return model
 

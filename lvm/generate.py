@@ -1,0 +1,167 @@
+"""Image continuations: prompt images (a visual sentence) -> the model's next image, as PNG + ids.
+
+Two modes: *continue* a sentence of ``prompt_images`` images with the next image (with
+``transform`` set, the prompt is the in-context pattern ``A1 t(A1) ... Ak`` and the model should
+answer ``t(Ak)``), and *complete* an image from its top ``complete_rows`` token rows. Sampling
+uses the model's KV cache and never emits special tokens inside an image.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lvm.data import SpecialTokens
+from lvm.model import LVM
+from lvm.report import save_image_grid
+from tokenizer.images import load_images, transform_images
+
+
+class CheckpointMismatch(ValueError):
+    """The tokenizer does not match the checkpoint; the message names both and the fix."""
+
+
+@dataclass
+class GenerateConfig:
+    """``lvm generate``: continue or complete images from a source with a trained LVM."""
+
+    checkpoint: str = "runs/lvm"  # training output folder (uses its 'latest') or a checkpoint folder
+    tokenizer: str = ""  # tokenizer folder; empty -> the one the checkpoint's training data was made with
+    source: str = "fashion-mnist"  # where prompt images come from
+    split: str = "test"
+    first: int = 0  # index of the first prompt image in the source
+    prompts: int = 4  # number of prompt sentences
+    prompt_images: int = 1  # images per prompt sentence
+    transform: str = "none"  # build in-context pairs A, t(A) in the prompt and ask for t(A_last)
+    complete_rows: int = 0  # > 0: complete the last prompt image from its top N token rows instead
+    samples: int = 4  # continuations per prompt
+    temperature: float = 1.0
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0  # 1.0 disables
+    seed: int = 0
+    out: str = "runs/generate"  # writes grid.png, tokens.npy, generate.json
+
+
+def generate(cfg: GenerateConfig) -> dict:
+    """The ``lvm generate`` entry point: writes a PNG grid (prompt | samples) and the token ids."""
+    model, tok, ckpt = load_model_and_tokenizer(cfg.checkpoint, cfg.tokenizer)
+    need = cfg.prompts * cfg.prompt_images
+    images = load_images(cfg.source, cfg.split, size=tok.config.image_size, channels=tok.config.channels,
+                         limit=cfg.first + need).images[cfg.first :]
+    if len(images) < need:
+        raise ValueError(f"{cfg.source}: {len(images)} images after --first {cfg.first}, need {need} for the prompts.")
+    prompts = images[:need].reshape(cfg.prompts, cfg.prompt_images, *images.shape[1:])
+    result = continue_images(
+        model, tok, prompts, cfg.samples, cfg.temperature, cfg.top_k or None,
+        cfg.top_p if cfg.top_p < 1.0 else None, cfg.seed, cfg.complete_rows, cfg.transform,
+    )
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shown = result["prompt_images"]  # [P, k', C, H, W]
+    rows = torch.cat([shown, result["images"]], dim=1)  # [P, k' + S, C, H, W]
+    save_image_grid(rows, out / "grid.png", separator_after=shown.shape[1])
+    np.save(out / "tokens.npy", result["tokens"].numpy())
+    summary = {"checkpoint": str(ckpt), "grid": str(out / "grid.png"), "tokens": str(out / "tokens.npy"),
+               "config": asdict(cfg)}
+    (out / "generate.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+@torch.no_grad()
+def continue_images(
+    model: LVM,
+    tok,
+    prompt_images: np.ndarray,
+    samples: int = 4,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    complete_rows: int = 0,
+    transform: str = "none",
+) -> dict:
+    """Sample ``samples`` next images for each prompt sentence ``uint8 [P, k, H, W, C]``.
+
+    Returns ``tokens`` [P, S, h, w], decoded ``images`` [P, S, C, H, W] in [0, 1], and the
+    ``prompt_images`` to show beside them [P, k', C, H, W] (with transforms interleaved).
+    """
+    special = SpecialTokens(tok.vocab_size)
+    h, w = tok.grid
+    per_image = h * w
+    P, k = prompt_images.shape[:2]
+    flat = prompt_images.reshape(P * k, *prompt_images.shape[2:])
+    ids = tok.encode(flat).reshape(P, k, per_image)  # [P, k, h*w]
+    shown = [flat]
+    if transform != "none":
+        t_ids = tok.encode(transform_images(flat, transform)).reshape(P, k, per_image)
+        shown.append(transform_images(flat, transform))
+        # In-context pattern: A1 t(A1) ... A_k, then the model writes t(A_k).
+        ids = torch.stack([ids, t_ids], dim=2).reshape(P, 2 * k, per_image)[:, :-1]
+    if not 0 <= complete_rows < h:
+        raise ValueError(f"complete_rows={complete_rows} must be in [0, {h - 1}] for a {h}x{w} token grid.")
+
+    seqs = []
+    for p in range(P):
+        seq = [special.bos]
+        for j, img in enumerate(ids[p]):
+            last = j == len(ids[p]) - 1
+            if complete_rows and last:
+                seq += img[: complete_rows * w].tolist()  # the given top rows of the image to complete
+            else:
+                seq += img.tolist() + [special.sep]
+        seqs.append(seq)
+    prompt = torch.tensor(seqs, dtype=torch.long)  # all prompts have equal length
+    prompt = prompt.repeat_interleave(samples, dim=0).to(next(model.parameters()).device)  # [P*S, T0]
+    new = per_image - complete_rows * w
+    gen = torch.Generator(device=prompt.device).manual_seed(seed)
+    out = model.generate(prompt, new, temperature, top_k, top_p, generator=gen, token_limit=special.codebook_size)
+    tokens = out[:, -per_image:].reshape(P, samples, h, w).cpu()
+    images = tok.decode(tokens.reshape(P * samples, h, w)).reshape(P, samples, *_chw(tok)).cpu()
+
+    show = np.stack(shown, axis=1).reshape(P, -1, *flat.shape[1:]) if transform != "none" else prompt_images
+    if transform != "none":
+        show = show[:, :-1]  # t(A_k) is what the model must produce: not shown in the prompt
+    shown_t = torch.from_numpy(np.ascontiguousarray(show)).permute(0, 1, 4, 2, 3).float() / 255.0
+    if complete_rows:  # show the last prompt image with its missing rows blanked out
+        cut = complete_rows * tok.config.image_size // h
+        shown_t[:, -1, :, cut:] = 0.5
+    return {"tokens": tokens, "images": images, "prompt_images": shown_t}
+
+
+def load_model_and_tokenizer(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike = ""):
+    """Load an LVM checkpoint and its tokenizer, refusing a tokenizer it was not trained with."""
+    from tokenizer.model import Tokenizer
+
+    ckpt = Path(checkpoint)
+    if (ckpt / "latest").exists():
+        ckpt = ckpt / "latest"
+    model = LVM.from_pretrained(ckpt)
+    data_file = ckpt / "data.json"
+    data_info = json.loads(data_file.read_text()) if data_file.exists() else {}
+    tok_dir = tokenizer or data_info.get("tokenizer_path")
+    if not tok_dir:
+        raise FileNotFoundError(
+            f"{ckpt}: no tokenizer recorded with this checkpoint; pass the tokenizer folder (--tokenizer DIR)."
+        )
+    tok = Tokenizer.from_pretrained(tok_dir)
+    expected = data_info.get("tokenizer_fingerprint")
+    if expected and tok.fingerprint != expected:
+        raise CheckpointMismatch(
+            f"tokenizer {tok_dir} (fingerprint {tok.fingerprint}) is not the one checkpoint {ckpt} was trained on "
+            f"({expected}); pass the matching --tokenizer."
+        )
+    if SpecialTokens(tok.vocab_size).vocab_size != model.config.vocab_size:
+        raise CheckpointMismatch(
+            f"tokenizer {tok_dir} has {tok.vocab_size} codes (+4 specials) but checkpoint {ckpt} has vocab "
+            f"{model.config.vocab_size}; pass the tokenizer the checkpoint was trained with."
+        )
+    model.eval()
+    return model, tok, ckpt
+
+
+def _chw(tok) -> tuple[int, int, int]:
+    return tok.config.channels, tok.config.image_size, tok.config.image_size

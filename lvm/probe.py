@@ -1,0 +1,283 @@
+"""Probes: how good are the LVM's hidden states for a labelled task, at 1/10/30/100 % of labels?
+
+Features come from any layer of the LVM run on ``[BOS] image [EOS]``; an image's token states are
+pooled by ``mean`` (one vector), ``grid`` (average-pooled to a ``g x g`` grid, keeping the layout)
+or ``tokens`` (all of them, for the attentive probe). The linear probe is multinomial logistic
+regression on standardised features with L2 strength picked on a validation split. Baselines at
+every fraction: raw pixels, and the same architecture at random init.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from tqdm.auto import tqdm
+
+from lvm.data import SpecialTokens
+from lvm.model import LVM
+from tokenizer.images import ImageSet, load_images
+
+POOLS = ("mean", "grid", "tokens")
+
+
+class ProbeError(ValueError):
+    """A probe that cannot run as asked (e.g. unlabeled data); the message says what to pass instead."""
+
+
+@dataclass
+class ProbeConfig:
+    """``lvm probe``: label-efficiency curves of the LVM's features against baselines."""
+
+    checkpoint: str = "runs/lvm"  # training output folder or checkpoint folder
+    compare: list[str] = field(default_factory=list)  # more checkpoints to probe on the same task
+    tokenizer: str = ""  # empty -> the tokenizer recorded with the checkpoint
+    source: str = "fashion-mnist"  # labelled images for probe training
+    split: str = "train"
+    test_source: str = ""  # empty -> same source, test_split
+    test_split: str = "test"
+    layers: list[int] = field(default_factory=list)  # empty -> sweep every layer on a subset, keep the best
+    pool: str = "grid"  # mean, grid, tokens
+    grid: int = 3  # g for pool=grid: token states average-pooled to g x g
+    fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 0.3, 1.0])
+    seeds: int = 3  # repeats (different label subsets) at fractions < 1
+    baselines: bool = True  # raw pixels and random-init model
+    sweep_images: int = 5000  # train images used to pick the layer
+    limit_train: int = 0  # use at most this many labelled train images (0 = all)
+    limit_test: int = 0
+    batch_size: int = 256
+    seed: int = 0
+    out: str = "runs/probe"
+
+
+def run_probe(cfg: ProbeConfig) -> dict:
+    """The ``lvm probe`` entry point: writes probe.json, probe.md and label_efficiency.png."""
+    from lvm.generate import load_model_and_tokenizer
+
+    if cfg.pool not in POOLS:
+        raise ProbeError(f"pool={cfg.pool!r} is not one of {POOLS}.")
+    bad = [f for f in cfg.fractions if not 0 < f <= 1]
+    if bad:
+        raise ProbeError(f"fractions {bad} must lie in (0, 1].")
+    model, tok, ckpt = load_model_and_tokenizer(cfg.checkpoint, cfg.tokenizer)
+    size, channels = tok.config.image_size, tok.config.channels
+    train_set = load_images(cfg.source, cfg.split, size=size, channels=channels, limit=cfg.limit_train or None)
+    test_set = load_images(cfg.test_source or cfg.source, cfg.test_split, size=size, channels=channels,
+                           limit=cfg.limit_test or None)
+    for name, s in (("source", train_set), ("test_source", test_set)):
+        if s.labels is None:
+            raise ProbeError(
+                f"{s.source} has no labels; probes need labelled images (a folder with one sub-folder per class, "
+                f"IDX with a labels file, or .npz with 'labels'); pass a labelled --{name.replace('_', '-')}."
+            )
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    train_ids, test_ids = tok.encode(train_set.images), tok.encode(test_set.images)  # [N, h, w]
+
+    results: dict = {"config": asdict(cfg), "checkpoint": str(ckpt), "rows": []}
+    models = {"lvm": model}
+    for path in cfg.compare:
+        other, other_tok, other_ckpt = load_model_and_tokenizer(path, cfg.tokenizer)
+        if other_tok.fingerprint != tok.fingerprint:
+            raise ProbeError(f"--compare {path} uses another tokenizer than {ckpt}; probes compare checkpoints of one tokenizer.")
+        models[f"lvm:{Path(path).name}"] = other
+    if cfg.baselines:
+        torch.manual_seed(cfg.seed)
+        models["random-init"] = LVM(model.config).eval()
+
+    special = SpecialTokens(tok.vocab_size)
+    for name, m in models.items():
+        layer = pick_layer(m, train_ids, train_set.labels, special, cfg) if not cfg.layers else None
+        layers = [layer] if layer is not None else cfg.layers
+        for lay in layers:
+            f_train = extract_features(m, train_ids, special, lay, cfg.pool, cfg.grid, cfg.batch_size)
+            f_test = extract_features(m, test_ids, special, lay, cfg.pool, cfg.grid, cfg.batch_size)
+            results["rows"] += label_efficiency(f"{name} (layer {lay})", f_train, train_set.labels, f_test,
+                                                test_set.labels, cfg.fractions, cfg.seeds, cfg.seed)
+    if cfg.baselines:
+        px_train, px_test = pixel_features(train_set), pixel_features(test_set)
+        results["rows"] += label_efficiency("raw pixels", px_train, train_set.labels, px_test, test_set.labels,
+                                            cfg.fractions, cfg.seeds, cfg.seed)
+    results["seconds"] = round(time.time() - t0, 1)
+    (out / "probe.json").write_text(json.dumps(results, indent=2))
+    (out / "probe.md").write_text(markdown_table(results["rows"], cfg.fractions))
+    plot_label_efficiency(results["rows"], out / "label_efficiency.png")
+    return {"out": str(out), "table": str(out / "probe.md"), "rows": results["rows"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Features
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def extract_features(
+    model: LVM, ids: torch.Tensor, special: SpecialTokens, layer: int, pool: str = "grid", grid: int = 3,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Hidden states of ``layer`` over each image's tokens, pooled: [N, F] (``tokens``: [N, h*w, D])."""
+    model.eval()
+    n, h, w = ids.shape
+    seq = torch.cat([torch.full((n, 1), special.bos), ids.reshape(n, h * w).long()], dim=1)  # [N, 1 + h*w]
+    outs = []
+    for start in tqdm(range(0, n, batch_size), desc=f"features L{layer}", unit="batch", leave=False):
+        (states,) = model.hidden_states(seq[start : start + batch_size], layers=[layer])
+        # The state at position t has read tokens 0..t; image token i sits at position i + 1, and
+        # the state that has *read* token i (rather than predicts it) is the one at position i + 1.
+        tokens = states[:, 1:].float()  # [b, h*w, D]
+        if pool == "mean":
+            outs.append(tokens.mean(dim=1))
+        elif pool == "grid":
+            spatial = rearrange(tokens, "b (h w) d -> b d h w", h=h, w=w)
+            outs.append(F.adaptive_avg_pool2d(spatial, grid).flatten(1))  # [b, D * g * g]
+        else:
+            outs.append(tokens.half())
+    return torch.cat(outs)
+
+
+def pixel_features(images: ImageSet) -> torch.Tensor:
+    return torch.from_numpy(images.images.reshape(len(images), -1)).float() / 255.0
+
+
+def pick_layer(model: LVM, ids: torch.Tensor, labels: np.ndarray, special: SpecialTokens, cfg: ProbeConfig) -> int:
+    """The layer whose features give the best linear-probe accuracy on a held-out part of a subset."""
+    rng = np.random.default_rng(cfg.seed)
+    idx = rng.permutation(len(ids))[: min(cfg.sweep_images, len(ids))]
+    cut = int(len(idx) * 0.8)
+    scores = {}
+    for layer in range(1, model.config.n_layer + 1):
+        feats = extract_features(model, ids[idx], special, layer, cfg.pool if cfg.pool != "tokens" else "mean",
+                                 cfg.grid, cfg.batch_size)
+        y = torch.from_numpy(labels[idx])
+        clf = LinearProbe.fit(feats[:cut], y[:cut])
+        scores[layer] = clf.accuracy(feats[cut:], y[cut:])
+    return max(scores, key=scores.get)
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear probe: multinomial logistic regression, L2 picked on a validation split
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class LinearProbe:
+    """Standardise -> linear -> softmax; fitted by full-batch L-BFGS (convex, so it converges)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    weight: torch.Tensor  # [C, F]
+    bias: torch.Tensor  # [C]
+    l2: float
+
+    @classmethod
+    def fit(cls, x: torch.Tensor, y: torch.Tensor, l2: float | None = None, l2_grid=(1e-4, 1e-3, 1e-2, 1e-1),
+            val_fraction: float = 0.15, seed: int = 0, max_iter: int = 200) -> "LinearProbe":
+        """Fit; with ``l2=None`` pick it on a stratified-enough random validation split, then refit on all."""
+        y = torch.as_tensor(y).long()
+        if l2 is None:
+            n_val = max(int(len(x) * val_fraction), 1)
+            if len(x) - n_val < 2 or len(set(y.tolist())) < 2:
+                l2 = l2_grid[len(l2_grid) // 2]
+            else:
+                perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+                val, tr = perm[:n_val], perm[n_val:]
+                scores = [cls.fit(x[tr], y[tr], lam, max_iter=max_iter).accuracy(x[val], y[val]) for lam in l2_grid]
+                l2 = l2_grid[int(np.argmax(scores))]
+        mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+        xs = (x - mean) / std
+        classes = int(y.max()) + 1
+        weight = torch.zeros(classes, x.shape[1], requires_grad=True)
+        bias = torch.zeros(classes, requires_grad=True)
+        opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
+                                line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-9)
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(xs @ weight.T + bias, y) + l2 * weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return cls(mean, std, weight.detach(), bias.detach(), l2)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return (((x - self.mean) / self.std) @ self.weight.T + self.bias).argmax(1)
+
+    def accuracy(self, x: torch.Tensor, y) -> float:
+        return float((self.predict(x) == torch.as_tensor(y)).float().mean())
+
+
+def label_efficiency(
+    name: str, f_train: torch.Tensor, y_train: np.ndarray, f_test: torch.Tensor, y_test: np.ndarray,
+    fractions: list[float], seeds: int, seed: int = 0,
+) -> list[dict]:
+    """Test accuracy of a linear probe trained on each fraction of the labels (mean ± std over seeds)."""
+    rows = []
+    y_train_t, y_test_t = torch.from_numpy(y_train), torch.from_numpy(y_test)
+    for frac in fractions:
+        accs = []
+        for s in range(seeds if frac < 1 else 1):
+            idx = _subset(y_train, frac, seed + s)
+            clf = LinearProbe.fit(f_train[idx], y_train_t[idx], seed=seed + s)
+            accs.append(clf.accuracy(f_test, y_test_t))
+        rows.append({"features": name, "fraction": frac, "n_labels": len(idx), "acc_mean": float(np.mean(accs)),
+                     "acc_std": float(np.std(accs)), "runs": len(accs), "dim": int(f_train.shape[1])})
+    return rows
+
+
+def _subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A class-balanced random subset: the same fraction of every class (at least one each)."""
+    rng = np.random.default_rng(seed)
+    picks = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        k = max(1, int(round(len(members) * fraction)))
+        picks.append(rng.choice(members, size=k, replace=False))
+    return np.sort(np.concatenate(picks))
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------
+
+def markdown_table(rows: list[dict], fractions: list[float]) -> str:
+    """Features x fraction table of test accuracy (mean ± std over label subsets)."""
+    names = list(dict.fromkeys(r["features"] for r in rows))
+    head = "| features | " + " | ".join(f"{f:.0%} labels" for f in fractions) + " |\n"
+    head += "|---|" + "---|" * len(fractions) + "\n"
+    lines = []
+    for name in names:
+        cells = []
+        for f in fractions:
+            r = next((r for r in rows if r["features"] == name and math.isclose(r["fraction"], f)), None)
+            cells.append("" if r is None else f"{100 * r['acc_mean']:.1f} ± {100 * r['acc_std']:.1f}"
+                         if r["runs"] > 1 else f"{100 * r['acc_mean']:.1f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def plot_label_efficiency(rows: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for name in dict.fromkeys(r["features"] for r in rows):
+        pts = sorted((r["fraction"], 100 * r["acc_mean"], 100 * r["acc_std"]) for r in rows if r["features"] == name)
+        xs, ys, es = zip(*pts)
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("fraction of training labels")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,54 @@
+"""Probes: the linear probe on known problems, subsets, and the pipeline end to end."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lvm.probe import LinearProbe, ProbeConfig, ProbeError, _subset, run_probe
+
+
+def test_linear_probe_separable_vs_random_labels():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 20, generator=g) * 3
+    y = torch.arange(800) % 4
+    x = centers[y] + torch.randn(800, 20, generator=g)
+    clf = LinearProbe.fit(x[:600], y[:600])
+    assert clf.accuracy(x[600:], y[600:]) > 0.97
+    shuffled = y[torch.randperm(800, generator=g)]
+    assert LinearProbe.fit(x[:600], shuffled[:600]).accuracy(x[600:], shuffled[600:]) < 0.45  # chance is 0.25
+    assert clf.l2 in (1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def test_subset_is_class_balanced():
+    labels = np.repeat(np.arange(5), [100, 200, 50, 10, 40])
+    idx = _subset(labels, 0.1, seed=0)
+    counts = np.bincount(labels[idx], minlength=5)
+    assert counts.tolist() == [10, 20, 5, 1, 4]
+    assert len(set(idx)) == len(idx)
+    assert not np.array_equal(idx, _subset(labels, 0.1, seed=1))
+
+
+def test_probe_end_to_end(tiny_pipeline, tmp_path):
+    cfg = ProbeConfig(checkpoint=tiny_pipeline["lvm"], source=tiny_pipeline["npz"], test_source=tiny_pipeline["npz"],
+                      fractions=[0.25, 1.0], seeds=2, sweep_images=60, out=str(tmp_path), pool="grid", grid=2)
+    summary = run_probe(cfg)
+    rows = summary["rows"]
+    names = {r["features"] for r in rows}
+    assert any(n.startswith("lvm (layer") for n in names) and "raw pixels" in names
+    assert any(n.startswith("random-init") for n in names)
+    pixels = [r for r in rows if r["features"] == "raw pixels" and r["fraction"] == 1.0][0]
+    assert pixels["acc_mean"] > 0.9  # bright bands are linearly separable from pixels
+    assert [r["runs"] for r in rows if r["features"] == "raw pixels"] == [2, 1]
+    assert (tmp_path / "label_efficiency.png").stat().st_size > 0
+    table = (tmp_path / "probe.md").read_text()
+    assert "raw pixels" in table and "25% labels" in table
+    assert json.loads((tmp_path / "probe.json").read_text())["rows"] == rows
+
+
+def test_probe_rejects_unlabeled_data(tiny_pipeline, tmp_path):
+    images = np.load(tiny_pipeline["npz"])["images"]
+    np.save(tmp_path / "unlabeled.npy", images)
+    cfg = ProbeConfig(checkpoint=tiny_pipeline["lvm"], source=str(tmp_path / "unlabeled.npy"), out=str(tmp_path))
+    with pytest.raises(ProbeError, match="no labels"):
+        run_probe(cfg)
