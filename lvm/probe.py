@@ -81,7 +81,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
     t0 = time.time()
     train_ids, test_ids = tok.encode(train_set.images), tok.encode(test_set.images)  # [N, h, w]
 
-    results: dict = {"config": asdict(cfg), "checkpoint": str(ckpt), "rows": []}
+    results: dict = {"config": asdict(cfg), "checkpoint": str(ckpt), "rows": [], "layer_sweep": {}}
     models = {"lvm": model}
     for path in cfg.compare:
         other, other_tok, other_ckpt = load_model_and_tokenizer(path, cfg.tokenizer)
@@ -94,8 +94,11 @@ def run_probe(cfg: ProbeConfig) -> dict:
 
     special = SpecialTokens(tok.vocab_size)
     for name, m in models.items():
-        layer = pick_layer(m, train_ids, train_set.labels, special, cfg) if not cfg.layers else None
-        layers = [layer] if layer is not None else cfg.layers
+        layers = cfg.layers
+        if not layers:
+            best, scores = pick_layer(m, train_ids, train_set.labels, special, cfg)
+            results["layer_sweep"][name] = scores
+            layers = [best]
         for lay in layers:
             f_train = extract_features(m, train_ids, special, lay, cfg.pool, cfg.grid, cfg.batch_size)
             f_test = extract_features(m, test_ids, special, lay, cfg.pool, cfg.grid, cfg.batch_size)
@@ -118,46 +121,53 @@ def run_probe(cfg: ProbeConfig) -> dict:
 
 @torch.no_grad()
 def extract_features(
-    model: LVM, ids: torch.Tensor, special: SpecialTokens, layer: int, pool: str = "grid", grid: int = 3,
-    batch_size: int = 256,
-) -> torch.Tensor:
-    """Hidden states of ``layer`` over each image's tokens, pooled: [N, F] (``tokens``: [N, h*w, D])."""
+    model: LVM, ids: torch.Tensor, special: SpecialTokens, layers: int | list[int], pool: str = "grid",
+    grid: int = 3, batch_size: int = 256,
+) -> torch.Tensor | dict[int, torch.Tensor]:
+    """Hidden states of each layer over each image's tokens, pooled to [N, F] (``tokens``: [N, h*w, D]).
+
+    One forward pass serves every requested layer; an int ``layers`` returns one tensor, a list a
+    dict layer -> features.
+    """
     model.eval()
+    wanted = [layers] if isinstance(layers, int) else list(layers)
     n, h, w = ids.shape
     seq = torch.cat([torch.full((n, 1), special.bos), ids.reshape(n, h * w).long()], dim=1)  # [N, 1 + h*w]
-    outs = []
-    for start in tqdm(range(0, n, batch_size), desc=f"features L{layer}", unit="batch", leave=False):
-        (states,) = model.hidden_states(seq[start : start + batch_size], layers=[layer])
-        # The state at position t has read tokens 0..t; image token i sits at position i + 1, and
-        # the state that has *read* token i (rather than predicts it) is the one at position i + 1.
-        tokens = states[:, 1:].float()  # [b, h*w, D]
-        if pool == "mean":
-            outs.append(tokens.mean(dim=1))
-        elif pool == "grid":
-            spatial = rearrange(tokens, "b (h w) d -> b d h w", h=h, w=w)
-            outs.append(F.adaptive_avg_pool2d(spatial, grid).flatten(1))  # [b, D * g * g]
-        else:
-            outs.append(tokens.half())
-    return torch.cat(outs)
+    outs: dict[int, list[torch.Tensor]] = {layer: [] for layer in wanted}
+    for start in tqdm(range(0, n, batch_size), desc="features", unit="batch", leave=False):
+        states = model.hidden_states(seq[start : start + batch_size], layers=wanted)
+        for layer, state in zip(wanted, states):
+            # Image token i sits at position i + 1; the state there has read tokens 0..i + 1.
+            tokens = state[:, 1:].float()  # [b, h*w, D]
+            if pool == "mean":
+                outs[layer].append(tokens.mean(dim=1))
+            elif pool == "grid":
+                spatial = rearrange(tokens, "b (h w) d -> b d h w", h=h, w=w)
+                outs[layer].append(F.adaptive_avg_pool2d(spatial, grid).flatten(1))  # [b, D * g * g]
+            else:
+                outs[layer].append(tokens.half())
+    feats = {layer: torch.cat(chunks) for layer, chunks in outs.items()}
+    return feats[layers] if isinstance(layers, int) else feats
 
 
 def pixel_features(images: ImageSet) -> torch.Tensor:
     return torch.from_numpy(images.images.reshape(len(images), -1)).float() / 255.0
 
 
-def pick_layer(model: LVM, ids: torch.Tensor, labels: np.ndarray, special: SpecialTokens, cfg: ProbeConfig) -> int:
-    """The layer whose features give the best linear-probe accuracy on a held-out part of a subset."""
+def pick_layer(
+    model: LVM, ids: torch.Tensor, labels: np.ndarray, special: SpecialTokens, cfg: ProbeConfig
+) -> tuple[int, dict[int, float]]:
+    """The layer whose features give the best linear-probe accuracy on a held-out part of a subset
+    of the *training* images (the test set is never used to choose), and every layer's score."""
     rng = np.random.default_rng(cfg.seed)
     idx = rng.permutation(len(ids))[: min(cfg.sweep_images, len(ids))]
     cut = int(len(idx) * 0.8)
-    scores = {}
-    for layer in range(1, model.config.n_layer + 1):
-        feats = extract_features(model, ids[idx], special, layer, cfg.pool if cfg.pool != "tokens" else "mean",
-                                 cfg.grid, cfg.batch_size)
-        y = torch.from_numpy(labels[idx])
-        clf = LinearProbe.fit(feats[:cut], y[:cut])
-        scores[layer] = clf.accuracy(feats[cut:], y[cut:])
-    return max(scores, key=scores.get)
+    layers = list(range(1, model.config.n_layer + 1))
+    pool = cfg.pool if cfg.pool != "tokens" else "mean"
+    feats = extract_features(model, ids[idx], special, layers, pool, cfg.grid, cfg.batch_size)
+    y = torch.from_numpy(labels[idx])
+    scores = {layer: LinearProbe.fit(f[:cut], y[:cut]).accuracy(f[cut:], y[cut:]) for layer, f in feats.items()}
+    return max(scores, key=scores.get), scores
 
 
 # ---------------------------------------------------------------------------------------------

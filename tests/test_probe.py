@@ -43,7 +43,9 @@ def test_probe_end_to_end(tiny_pipeline, tmp_path):
     assert (tmp_path / "label_efficiency.png").stat().st_size > 0
     table = (tmp_path / "probe.md").read_text()
     assert "raw pixels" in table and "25% labels" in table
-    assert json.loads((tmp_path / "probe.json").read_text())["rows"] == rows
+    saved = json.loads((tmp_path / "probe.json").read_text())
+    assert saved["rows"] == rows
+    assert sorted(saved["layer_sweep"]["lvm"]) == ["1", "2"]  # every block of the tiny model was scored
 
 
 def test_probe_rejects_unlabeled_data(tiny_pipeline, tmp_path):
