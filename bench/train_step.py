@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--context", type=int, default=510)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="torch.compile our model (TrainConfig.compile)")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args(argv)
 
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     plain = PlainLVM(cfg)
     _copy_weights(ours, plain)
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
+    ours_step = torch.compile(ours) if args.compile else ours
     opt_plain = torch.optim.AdamW(plain.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
     batches = [
@@ -104,32 +106,32 @@ def main(argv: list[str] | None = None) -> dict:
         for _ in range(args.steps)
     ]
     with torch.no_grad():  # same weights, same batch: the two losses must agree
-        a, b = ours(*batches[0]).loss.item(), plain(*batches[0]).item()
+        a, b = ours_step(*batches[0]).loss.item(), plain(*batches[0]).item()
     assert abs(a - b) < 1e-3, f"baseline is not the same model: loss {a} vs {b}"
-    _time_steps(ours, opt_ours, batches[:1])  # warm-up
+    _time_steps(ours_step, opt_ours, batches[:2])  # warm-up (and compilation)
     _time_steps(plain, opt_plain, batches[:1])
     ours_tps, plain_tps = [], []
     for _ in range(args.rounds):
-        ours_tps.append(_time_steps(ours, opt_ours, batches))
+        ours_tps.append(_time_steps(ours_step, opt_ours, batches))
         plain_tps.append(_time_steps(plain, opt_plain, batches))
     result = {
         "device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "preset": args.preset, "batch": args.batch, "context": args.context,
-        "vocab": args.vocab, "ours_tokens_per_s": statistics.median(ours_tps),
+        "vocab": args.vocab, "compile": args.compile, "ours_tokens_per_s": statistics.median(ours_tps),
         "plain_tokens_per_s": statistics.median(plain_tps),
         "ratio": statistics.median(ours_tps) / statistics.median(plain_tps),
         "rounds": {"ours": ours_tps, "plain": plain_tps}, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"train_step-{'cuda' if torch.cuda.is_available() else 'cpu'}"
+    name = f"train_step-{'cuda' if torch.cuda.is_available() else 'cpu'}{'-compiled' if args.compile else ''}"
     (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     (out / f"{name}.md").write_text(
         f"# Training step: ours vs plain eager PyTorch ({result['device']}, {result['threads']} threads)\n\n"
         f"torch {result['torch']}, {result['date']}; preset `{args.preset}`, batch {args.batch} x {args.context} "
         f"tokens, vocab {args.vocab}; median of {args.rounds} alternating rounds of {args.steps} steps.\n\n"
         "| loop | tokens/s (median) | ratio vs plain |\n|---|---:|---:|\n"
-        f"| ours (lvm.model.LVM, kernels dispatch) | {result['ours_tokens_per_s']:,.0f} | {result['ratio']:.3f} |\n"
+        f"| ours (lvm.model.LVM, kernels dispatch{', torch.compile' if args.compile else ''}) | {result['ours_tokens_per_s']:,.0f} | {result['ratio']:.3f} |\n"
         f"| plain (SDPA + full-logits CE) | {result['plain_tokens_per_s']:,.0f} | 1.000 |\n"
     )
     print(json.dumps({k: v for k, v in result.items() if k != "rounds"}, indent=2))
@@ -142,7 +144,7 @@ def _copy_weights(ours: LVM, plain: PlainLVM) -> None:
         plain.emb.weight.copy_(ours.tok_emb.weight)
         plain.norm.weight.copy_(ours.norm_f.weight)
         for pb, ob in zip(plain.blocks, ours.blocks):
-            gate, up = ob.mlp.w_in.weight.chunk(2, dim=0)  # ours fuses gate and up in one matmul
+            gate, up = ob.mlp.w_gate.weight, ob.mlp.w_up.weight
             pairs = [(pb.norm1, ob.norm_attn.weight), (pb.norm2, ob.norm_mlp.weight), (pb.qkv, ob.attn.qkv.weight),
                      (pb.proj, ob.attn.proj.weight), (pb.w_gate, gate), (pb.w_up, up), (pb.w_down, ob.mlp.w_out.weight)]
             for module, weight in pairs:

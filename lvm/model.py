@@ -366,16 +366,21 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """silu(x W_gate) * (x W_up) -> W_out; gate and up share one matmul."""
+    """silu(x W_gate) * (x W_up) -> W_out.
+
+    Gate and up are separate matmuls on purpose: one fused [2F, D] matmul leaves both halves as
+    strided views, and silu plus the backward's concatenation on those cost more than the launch
+    they save (measured 5 % of a CPU training step of the `small` preset).
+    """
 
     def __init__(self, config: LVMConfig) -> None:
         super().__init__()
-        self.w_in = nn.Linear(config.d_model, 2 * config.d_ff, bias=False)
+        self.w_gate = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.w_up = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.w_out = nn.Linear(config.d_ff, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w_in(x).chunk(2, dim=-1)  # [B, T, F] each
-        return self.w_out(F.silu(gate) * up)
+        return self.w_out(F.silu(self.w_gate(x)) * self.w_up(x))  # [B, T, F] inside
 
 
 class RMSNorm(nn.Module):

@@ -32,6 +32,34 @@ def fashion_mnist_dir():
     return FASHION_MNIST_DIR
 
 
+class PixelTokenizer:
+    """Token ids are the pixels themselves, so a test writes shards holding exactly the ids it wants."""
+
+    def __init__(self, vocab_size: int, grid: tuple[int, int], fingerprint: str = "pix"):
+        self.vocab_size, self.grid, self.fingerprint = vocab_size, grid, fingerprint
+
+    def encode(self, images):
+        import numpy as np
+
+        return torch.from_numpy(np.asarray(images)[..., 0].astype(np.int64))
+
+
+@pytest.fixture
+def pixel_shards():
+    """``write(path, ids [N, h, w], vocab_size, fingerprint="pix", labels=None) -> str``: token shards of ``ids``."""
+    import numpy as np
+
+    from tokenizer.images import ImageSet
+    from tokenizer.shards import write_token_shards
+
+    def write(path, ids, vocab_size, fingerprint="pix", labels=None):
+        images = ImageSet(np.asarray(ids).astype(np.uint8)[..., None], labels, None, str(path))
+        write_token_shards(PixelTokenizer(vocab_size, ids.shape[1:], fingerprint), images, path, progress=False)
+        return str(path)
+
+    return write
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory):
     """A labelled 16x16 image set, an (untrained) tiny tokenizer, its shards, and a tiny LVM

@@ -4,28 +4,13 @@ import pytest
 import torch
 
 from lvm.data import DataError, PackedBatches, SpecialTokens, VisualSentences, eval_batches
-from tokenizer.images import ImageSet
-from tokenizer.shards import write_token_shards
 
 CODEBOOK = 50
 
 
-class PixelTokenizer:
-    """Token ids are the pixels themselves: shards with exactly the ids a test wants."""
-
-    grid, vocab_size = (2, 3), CODEBOOK
-
-    def __init__(self, fingerprint="pix"):
-        self.fingerprint = fingerprint
-
-    def encode(self, images):
-        return torch.from_numpy(np.asarray(images)[..., 0].astype(np.int64))
-
-
-def _shards(path, ids, fingerprint="pix"):
-    imgs = ImageSet(ids.astype(np.uint8)[..., None], np.arange(len(ids)) % 3, None, str(path))
-    write_token_shards(PixelTokenizer(fingerprint), imgs, path, progress=False)
-    return path
+@pytest.fixture
+def _shards(pixel_shards):
+    return lambda path, ids, fingerprint="pix": pixel_shards(path, ids, CODEBOOK, fingerprint)
 
 
 @pytest.fixture
@@ -33,7 +18,7 @@ def main_ids():
     return np.random.default_rng(0).integers(0, CODEBOOK, (20, 2, 3))
 
 
-def test_single_sentence_layout(tmp_path, main_ids):
+def test_single_sentence_layout(tmp_path, main_ids, _shards):
     ds = VisualSentences(_shards(tmp_path / "m", main_ids))
     sp = SpecialTokens(CODEBOOK)
     assert ds.length == 8 and sp.vocab_size == 54
@@ -42,7 +27,7 @@ def test_single_sentence_layout(tmp_path, main_ids):
     assert s[1:7].tolist() == main_ids[4].reshape(-1).tolist()
 
 
-def test_pairs_and_chain(tmp_path, main_ids):
+def test_pairs_and_chain(tmp_path, main_ids, _shards):
     m = _shards(tmp_path / "m", main_ids)
     flip = _shards(tmp_path / "flip", main_ids[:, :, ::-1])
     inv = _shards(tmp_path / "inv", CODEBOOK - 1 - main_ids)
@@ -62,14 +47,14 @@ def test_pairs_and_chain(tmp_path, main_ids):
     assert c[15:21].tolist() == (CODEBOOK - 1 - main_ids[1]).reshape(-1).tolist()
 
 
-def test_frames(tmp_path, main_ids):
+def test_frames(tmp_path, main_ids, _shards):
     ds = VisualSentences(_shards(tmp_path / "m", main_ids), kind="frames", frames=3)
     assert len(ds) == 18
     s = ds.sentence(5)
     assert s[8:14].tolist() == main_ids[6].reshape(-1).tolist()
 
 
-def test_bad_inputs(tmp_path, main_ids):
+def test_bad_inputs(tmp_path, main_ids, _shards):
     m = _shards(tmp_path / "m", main_ids)
     with pytest.raises(DataError, match="needs aligned view"):
         VisualSentences(m, kind="pairs")
@@ -85,16 +70,16 @@ def test_bad_inputs(tmp_path, main_ids):
         PackedBatches(ds, context_len=16, batch_size=3, world=2)
 
 
-def test_ids_beyond_codebook_rejected(tmp_path, main_ids):
+def test_ids_beyond_codebook_rejected(tmp_path, main_ids, _shards):
     m = _shards(tmp_path / "m", main_ids)
-    tokens = np.memmap(m / "tokens.bin", dtype=np.uint16, mode="r+")
+    tokens = np.memmap(f"{m}/tokens.bin", dtype=np.uint16, mode="r+")
     tokens[3] = CODEBOOK + 7
     tokens.flush()
     with pytest.raises(DataError, match="token id 57 >= the codebook size 50"):
         VisualSentences(m)
 
 
-def test_packed_batches_deterministic_and_sharded(tmp_path, main_ids):
+def test_packed_batches_deterministic_and_sharded(tmp_path, main_ids, _shards):
     ds = VisualSentences(_shards(tmp_path / "m", main_ids))
     packer = PackedBatches(ds, context_len=25, batch_size=4, seed=7)
     assert packer.per_row == 3 and packer.rows_per_epoch == 6
@@ -110,7 +95,7 @@ def test_packed_batches_deterministic_and_sharded(tmp_path, main_ids):
     assert not torch.equal(packer.batch(0)[0], PackedBatches(ds, 25, 4, seed=8).batch(0)[0])
 
 
-def test_split_and_eval_batches(tmp_path, main_ids):
+def test_split_and_eval_batches(tmp_path, main_ids, _shards):
     ds = VisualSentences(_shards(tmp_path / "m", main_ids))
     train, held = ds.split(0.2, seed=0)
     assert len(train) == 16 and len(held) == 4

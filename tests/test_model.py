@@ -287,7 +287,7 @@ def test_configure_optimizers_decays_only_matmul_weights(tie):
     assert norms and norms <= ids(no_decay)
     assert id(model.tok_emb.weight) in ids(no_decay)
     for block in model.blocks:
-        for lin in (block.attn.qkv, block.attn.proj, block.mlp.w_in, block.mlp.w_out):
+        for lin in (block.attn.qkv, block.attn.proj, block.mlp.w_gate, block.mlp.w_up, block.mlp.w_out):
             assert id(lin.weight) in ids(decay)
     assert (id(model.head.weight) in ids(decay)) is (not tie)
     assert ids(decay) | ids(no_decay) == {id(p) for p in model.parameters()}

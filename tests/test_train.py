@@ -13,33 +13,23 @@ import lvm.train as train_mod
 from lvm.data import DataError, PackedBatches
 from lvm.model import LVM
 from lvm.train import TrainConfig, TrainingDiverged, train
-from tokenizer.images import ImageSet
-from tokenizer.shards import write_token_shards
 
 CODEBOOK = 32
 
 
-class PixelTokenizer:
-    grid, vocab_size = (3, 3), CODEBOOK
+@pytest.fixture
+def make_shards(pixel_shards):
+    def make(path, n=120, fingerprint="pix", seed=0):
+        """Learnable toy images: each row repeats one random id."""
+        rng = np.random.default_rng(seed)
+        ids = np.repeat(rng.integers(0, CODEBOOK, (n, 3, 1)), 3, axis=2)
+        return pixel_shards(path, ids, CODEBOOK, fingerprint)
 
-    def __init__(self, fingerprint="pix"):
-        self.fingerprint = fingerprint
-
-    def encode(self, images):
-        return torch.from_numpy(np.asarray(images)[..., 0].astype(np.int64))
-
-
-def make_shards(path, n=120, fingerprint="pix", seed=0):
-    """Learnable toy images: each row repeats one random id."""
-    rng = np.random.default_rng(seed)
-    ids = np.repeat(rng.integers(0, CODEBOOK, (n, 3, 1)), 3, axis=2)
-    write_token_shards(PixelTokenizer(fingerprint), ImageSet(ids.astype(np.uint8)[..., None], None, None, "toy"),
-                       path, progress=False)
-    return str(path)
+    return make
 
 
 @pytest.fixture
-def cfg(tmp_path):
+def cfg(tmp_path, make_shards):
     return TrainConfig(data=make_shards(tmp_path / "shards"), out=str(tmp_path / "run"), preset="tiny",
                        context_len=44, steps=8, batch_size=4, lr=3e-3, warmup_steps=2, eval_every=4,
                        ckpt_every=4, log_every=1, eval_rows=4, eval_fraction=0.1, progress=False)
@@ -121,7 +111,7 @@ def test_nan_loss_stops_and_keeps_checkpoint(cfg, monkeypatch):
     assert os.path.basename(os.readlink(os.path.join(cfg.out, "latest"))) == "ckpt-000004"
 
 
-def test_resume_with_other_tokenizer_refused(cfg, tmp_path):
+def test_resume_with_other_tokenizer_refused(cfg, tmp_path, make_shards):
     train(replace(cfg, steps=4))
     other = make_shards(tmp_path / "other", fingerprint="other-tok")
     with pytest.raises(DataError, match="tokenizer"):
