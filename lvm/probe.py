@@ -96,10 +96,12 @@ def run_probe(cfg: ProbeConfig) -> dict:
     for name, m in models.items():
         layers = cfg.layers
         if not layers:
+            print(f"probe: choosing the layer of {name} on {min(cfg.sweep_images, len(train_ids))} train images", flush=True)
             best, scores = pick_layer(m, train_ids, train_set.labels, special, cfg)
             results["layer_sweep"][name] = scores
             layers = [best]
         for lay in layers:
+            print(f"probe: features of {name}, layer {lay}", flush=True)
             f_train = extract_features(m, train_ids, special, lay, cfg.pool, cfg.grid, cfg.batch_size)
             f_test = extract_features(m, test_ids, special, lay, cfg.pool, cfg.grid, cfg.batch_size)
             results["rows"] += label_efficiency(f"{name} (layer {lay})", f_train, train_set.labels, f_test,
@@ -229,14 +231,17 @@ def label_efficiency(
     """Test accuracy of a linear probe trained on each fraction of the labels (mean ± std over seeds)."""
     rows = []
     y_train_t, y_test_t = torch.from_numpy(y_train), torch.from_numpy(y_test)
+    bar = tqdm(total=sum(seeds if f < 1 else 1 for f in fractions), desc=f"probes: {name}", unit="fit")
     for frac in fractions:
         accs = []
         for s in range(seeds if frac < 1 else 1):
             idx = _subset(y_train, frac, seed + s)
             clf = LinearProbe.fit(f_train[idx], y_train_t[idx], seed=seed + s)
             accs.append(clf.accuracy(f_test, y_test_t))
+            bar.update(1)
         rows.append({"features": name, "fraction": frac, "n_labels": len(idx), "acc_mean": float(np.mean(accs)),
                      "acc_std": float(np.std(accs)), "runs": len(accs), "dim": int(f_train.shape[1])})
+    bar.close()
     return rows
 
 

@@ -25,13 +25,15 @@ class QuickstartConfig:
     fast: bool = False  # a few-minute smoke run (subset, tiny sizes)
     preset: str = "small"  # LVM size for the default run
     tokenizer_steps: int = 1000
-    lvm_steps: int = 1500
+    lvm_steps: int = 500  # ~1.5 s/step for `small` on 2 cores: ~13 minutes
     lvm_batch_size: int = 16
     lvm_lr: float = 2e-3
     context_len: int = 510  # 10 Fashion-MNIST sentences of 51 tokens
+    compile: bool = False  # torch.compile the LVM (~15 % faster on CPU after ~40 s of compilation)
     probe_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 0.3, 1.0])
     probe_pool: str = "grid"
     probe_grid: int = 3
+    probe_seeds: int = 2  # label subsets per fraction < 100 %
     seed: int = 0
 
 
@@ -85,7 +87,7 @@ def quickstart(cfg: QuickstartConfig) -> dict:
         preset="tiny" if fast else cfg.preset, context_len=102 if fast else cfg.context_len,
         steps=40 if fast else cfg.lvm_steps, batch_size=8 if fast else cfg.lvm_batch_size, lr=cfg.lvm_lr,
         warmup_steps=10 if fast else 100, eval_every=20 if fast else 250, ckpt_every=20 if fast else 250,
-        eval_rows=16 if fast else 64, seed=cfg.seed,
+        eval_rows=16 if fast else 64, seed=cfg.seed, compile=cfg.compile and not fast,
     ))
     entropy = unigram_entropy(np.asarray(train_tokens.tokens))
     done("pretrain")
@@ -103,7 +105,7 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     if not (probe_dir / "probe.json").exists():
         run_probe(ProbeConfig(
             checkpoint=str(lvm_dir), source=cfg.source, fractions=cfg.probe_fractions, pool=cfg.probe_pool,
-            grid=cfg.probe_grid, seeds=2 if fast else 3, sweep_images=1000 if fast else 5000,
+            grid=cfg.probe_grid, seeds=cfg.probe_seeds, sweep_images=1000 if fast else 5000,
             limit_train=3000 if fast else 0, limit_test=1000 if fast else 0, out=str(probe_dir), seed=cfg.seed,
         ))
     probe = json.loads((probe_dir / "probe.json").read_text())
