@@ -95,12 +95,13 @@ def continue_images(
     P, k = prompt_images.shape[:2]
     flat = prompt_images.reshape(P * k, *prompt_images.shape[2:])
     ids = tok.encode(flat).reshape(P, k, per_image)  # [P, k, h*w]
-    shown = [flat]
+    show = prompt_images  # what the grid shows left of the bar: [P, k', H, W, C]
     if transform != "none":
-        t_ids = tok.encode(transform_images(flat, transform)).reshape(P, k, per_image)
-        shown.append(transform_images(flat, transform))
-        # In-context pattern: A1 t(A1) ... A_k, then the model writes t(A_k).
+        flat_t = transform_images(flat, transform)
+        t_ids = tok.encode(flat_t).reshape(P, k, per_image)
+        # In-context pattern A1 t(A1) ... A_k; the model must write t(A_k), so it is left out.
         ids = torch.stack([ids, t_ids], dim=2).reshape(P, 2 * k, per_image)[:, :-1]
+        show = np.stack([flat, flat_t], axis=1).reshape(P, 2 * k, *flat.shape[1:])[:, :-1]
     if not 0 <= complete_rows < h:
         raise ValueError(f"complete_rows={complete_rows} must be in [0, {h - 1}] for a {h}x{w} token grid.")
 
@@ -122,9 +123,6 @@ def continue_images(
     tokens = out[:, -per_image:].reshape(P, samples, h, w).cpu()
     images = tok.decode(tokens.reshape(P * samples, h, w)).reshape(P, samples, *_chw(tok)).cpu()
 
-    show = np.stack(shown, axis=1).reshape(P, -1, *flat.shape[1:]) if transform != "none" else prompt_images
-    if transform != "none":
-        show = show[:, :-1]  # t(A_k) is what the model must produce: not shown in the prompt
     shown_t = torch.from_numpy(np.ascontiguousarray(show)).permute(0, 1, 4, 2, 3).float() / 255.0
     if complete_rows:  # show the last prompt image with its missing rows blanked out
         cut = complete_rows * tok.config.image_size // h
