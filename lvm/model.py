@@ -215,7 +215,7 @@ class LVM(nn.Module):
         ]
         return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, state_dict: dict | None = None) -> Path:
         """Write model.safetensors + config.json into a temp dir beside ``directory``, then rename it into place.
 
         A reader never sees a half-written checkpoint. An existing ``directory`` is replaced as a
@@ -227,9 +227,9 @@ class LVM(nn.Module):
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
-            state = {
+            state = {  # ``state_dict``: a full one gathered from a sharded (FSDP) model, if given
                 name: t.detach().to("cpu").contiguous()
-                for name, t in self.state_dict().items()
+                for name, t in (state_dict if state_dict is not None else self.state_dict()).items()
                 if not (self.config.tie_embeddings and name == "head.weight")  # same memory as tok_emb.weight
             }
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})

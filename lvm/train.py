@@ -67,6 +67,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda
     compile: bool = False  # torch.compile the model
+    fsdp: bool = False  # under torchrun: shard weights, grads and optimizer state (FSDP2) instead of DDP
     kernels: str = "auto"  # auto, torch, triton (sets LVM_KERNELS for this process)
     threads: int = 0  # torch CPU threads; 0 -> leave torch's default
     log_every: int = 10
@@ -110,17 +111,26 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- model, optimizer, resume ----------------------------------------------------------
     torch.manual_seed(cfg.seed)
-    start_step, model, optimizer = 0, None, None
+    start_step, optim_state = 0, None
     resume_dir = out / LATEST
     if cfg.resume and resume_dir.exists():
-        model, optimizer, start_step = _load_checkpoint(resume_dir, cfg, data_info, device)
+        model, optim_state, start_step = _load_checkpoint(resume_dir, cfg, data_info, device)
     else:
         overrides = {"dropout": cfg.dropout}
         if cfg.context_len:
             overrides["max_seq_len"] = cfg.context_len
         config = LVMConfig.preset(cfg.preset, vocab_size=train_set.special.vocab_size, **overrides)
         model = LVM(config).to(device)
-        optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2))
+    sharded = world > 1 and cfg.fsdp
+    if sharded:  # FSDP2: each block is one all-gather unit; the root holds embeddings, norm and head
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2))
+    if optim_state is not None:
+        _load_optimizer_state(model, optimizer, optim_state)
     context_len = model.config.max_seq_len
     packer = PackedBatches(train_set, context_len, cfg.batch_size, cfg.seed, rank, world)
     micro_rows = cfg.batch_size // world // cfg.grad_accum
@@ -130,7 +140,7 @@ def train(cfg: TrainConfig) -> dict:
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
         _truncate_metrics(out / "metrics.jsonl", start_step)
     step_model = model
-    if world > 1:
+    if world > 1 and not sharded:
         step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         step_model = torch.compile(step_model)
@@ -181,7 +191,8 @@ def train(cfg: TrainConfig) -> dict:
                 now = time.time()
                 tok_s = (done - last_log_step) * packer.tokens_per_step / max(now - last_log_t, 1e-9)
                 last_log_t, last_log_step = now, done
-                record = {"step": done, "loss": round(loss_value, 5), "lr": lr, "grad_norm": round(float(grad_norm), 4),
+                gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # DTensor under FSDP
+                record = {"step": done, "loss": round(loss_value, 5), "lr": lr, "grad_norm": round(float(gn), 4),
                           "tokens_per_s": round(tok_s, 1), "epoch": round(packer.epoch_of(done), 4)}
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}")
             if done % cfg.eval_every == 0 or done == cfg.steps:
@@ -192,10 +203,15 @@ def train(cfg: TrainConfig) -> dict:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
             bar.update(1)
-            out_of_time = cfg.max_minutes and (time.time() - t_start) > cfg.max_minutes * 60
+            out_of_time = bool(cfg.max_minutes) and (time.time() - t_start) > cfg.max_minutes * 60
+            if world > 1 and cfg.max_minutes:  # every rank must stop at the same step: rank 0's clock decides
+                flag = torch.tensor([float(out_of_time)], device=device)
+                dist.broadcast(flag, src=0)
+                out_of_time = bool(flag.item())
             if done % cfg.ckpt_every == 0 or done == cfg.steps or out_of_time:
+                states = _full_states(model, optimizer, sharded)  # a collective call under FSDP: all ranks
                 if is_main:
-                    save_checkpoint(out, model, optimizer, done, cfg, data_info)
+                    save_checkpoint(out, model, optimizer, done, cfg, data_info, *states)
                 if out_of_time:
                     break
     finally:
@@ -244,13 +260,16 @@ def evaluate(model: LVM, sentences: VisualSentences, context_len: int, batch_row
 
 
 def save_checkpoint(out: Path, model: LVM, optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig,
-                    data_info: dict) -> Path:
-    """Write a complete checkpoint folder, then atomically point ``latest`` at it."""
+                    data_info: dict, model_state: dict | None = None, optim_state: dict | None = None) -> Path:
+    """Write a complete checkpoint folder, then atomically point ``latest`` at it.
+
+    ``model_state``/``optim_state``: full (unsharded) state dicts when the model is FSDP-sharded.
+    """
     final = out / f"ckpt-{step:06d}"
     tmp = out / f".ckpt-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    torch.save(optimizer.state_dict(), tmp / OPTIM_FILE)
+    model.save_pretrained(tmp, state_dict=model_state)
+    torch.save(optim_state if optim_state is not None else optimizer.state_dict(), tmp / OPTIM_FILE)
     state = {"step": step, "torch_rng": torch.get_rng_state().tolist(), "train_config": asdict(cfg)}
     (tmp / STATE_FILE).write_text(json.dumps(state))
     (tmp / DATA_FILE).write_text(json.dumps(data_info, indent=2))
@@ -280,11 +299,31 @@ def _load_checkpoint(path: Path, cfg: TrainConfig, data_info: dict, device: torc
             "checkpoint's tokenizer, or train into a fresh --out."
         )
     model = LVM.from_pretrained(path, map_location=device)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2))
-    optimizer.load_state_dict(torch.load(path / OPTIM_FILE, map_location=device, weights_only=True))
+    optim_state = torch.load(path / OPTIM_FILE, map_location=device, weights_only=True)
     state = json.loads((path / STATE_FILE).read_text())
     torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
-    return model, optimizer, int(state["step"])
+    return model, optim_state, int(state["step"])
+
+
+def _full_states(model: LVM, optimizer: torch.optim.Optimizer, sharded: bool) -> tuple[dict | None, dict]:
+    """Unsharded model state (FSDP only; else None) and optimizer state keyed by parameter name.
+
+    Keying the optimizer state by name (not by position) makes a checkpoint resumable by a
+    single process, DDP or FSDP alike.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=sharded)
+    model_state = get_model_state_dict(model, options=opts) if sharded else None
+    return model_state, get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+def _load_optimizer_state(model: LVM, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -130,8 +130,10 @@ def test_incomplete_checkpoint_dir(cfg):
         train(cfg)
 
 
-def test_torchrun_matches_single_process(cfg, tmp_path):
-    """Two gloo processes with the same global batch follow the single-process loss curve."""
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_matches_single_process(cfg, tmp_path, mode):
+    """Two gloo processes with the same global batch follow the single-process loss curve; the
+    FSDP run is also stopped after 2 steps and resumed, from the full-state checkpoint it wrote."""
     single = replace(cfg, steps=4, out=str(tmp_path / "single"))
     train(single)
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
@@ -139,8 +141,13 @@ def test_torchrun_matches_single_process(cfg, tmp_path):
             "--context-len", "44", "--steps", "4", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "2",
             "--eval-every", "4", "--ckpt-every", "4", "--log-every", "1", "--eval-rows", "4", "--eval-fraction", "0.1",
             "--no-progress",
-            "--threads", "1"]
+            "--threads", "1", "--fsdp" if mode == "fsdp" else "--no-fsdp"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if mode == "fsdp":  # first 2 of the 4 steps, then a resumed run does the rest
+        first = subprocess.run([*args[:args.index("--steps") + 1], "4", *args[args.index("--steps") + 2:],
+                                "--max-minutes", "0.0001"], capture_output=True, text=True, timeout=240, env=env)
+        assert first.returncode == 0, first.stderr[-3000:]
+        assert len(_losses(str(tmp_path / "ddp"))) == 1  # stopped after one step by the time limit
     proc = subprocess.run(args, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ours, ref = _losses(str(tmp_path / "ddp")), _losses(single.out)
