@@ -222,16 +222,20 @@ def train(cfg: TrainConfig) -> dict:
             dist.barrier()
             dist.destroy_process_group()
     elapsed = time.time() - t_start
-    steps_run = max(step + 1 - start_step, 1)
-    return {
+    finished = step + 1 if cfg.steps > start_step else start_step
+    summary = {
         "out": str(out),
         "checkpoint": str((out / LATEST).resolve()) if (out / LATEST).exists() else None,
-        "steps": step + 1,
+        "steps": finished,
         "loss": loss_value,
         "eval_loss": eval_loss,
-        "tokens_per_s": steps_run * packer.tokens_per_step / max(elapsed, 1e-9),
+        "tokens_per_s": (finished - start_step) * packer.tokens_per_step / max(elapsed, 1e-9),
         "params_non_embedding": model.num_params(),
     }
+    if finished == start_step:  # a finished run started again: report what it logged last
+        last = _last_logged(out / "metrics.jsonl")
+        summary.update({k: last[k] for k in ("loss", "eval_loss", "tokens_per_s") if k in last})
+    return summary
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -324,6 +328,16 @@ def _load_optimizer_state(model: LVM, optimizer: torch.optim.Optimizer, state: d
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def _last_logged(path: Path) -> dict:
+    """The latest value of every metric in a metrics.jsonl (later records override earlier ones)."""
+    merged: dict = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                merged.update(json.loads(line))
+    return merged
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

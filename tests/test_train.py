@@ -65,6 +65,9 @@ def test_exact_resume(cfg, tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _losses(cfg.out) == _losses(resumed_cfg.out)  # same curve, no duplicated step 5
     assert [s for s, _ in _losses(cfg.out)] == list(range(1, 9))
+    again = train(cfg)  # a finished run started again trains nothing and reports its last figures
+    assert again["steps"] == 8 and again["loss"] == _losses(cfg.out)[-1][1]
+    assert again["eval_loss"] == pytest.approx(straight["eval_loss"], abs=1e-4)
 
 
 def test_loss_decreases_and_metrics(cfg):
