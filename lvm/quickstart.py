@@ -63,7 +63,7 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     tok_dir = out / "tokenizer"
     if not (tok_dir / "eval.json").exists():
         train_tokenizer(TokenizerTrainConfig(
-            data=cfg.source, out_dir=str(tok_dir), steps=60 if fast else cfg.tokenizer_steps,
+            data=cfg.source, out_dir=str(tok_dir), steps=300 if fast else cfg.tokenizer_steps,
             limit=3000 if fast else 0, eval_holdout=500, seed=cfg.seed,
             **({"widths": "32,32", "eval_every": 0} if fast else {}),
         ))
@@ -85,8 +85,8 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     summary = train(TrainConfig(
         data=str(out / "tokens" / "train"), eval_data=str(out / "tokens" / "test"), out=str(lvm_dir),
         preset="tiny" if fast else cfg.preset, context_len=102 if fast else cfg.context_len,
-        steps=40 if fast else cfg.lvm_steps, batch_size=8 if fast else cfg.lvm_batch_size, lr=cfg.lvm_lr,
-        warmup_steps=10 if fast else 100, eval_every=20 if fast else 250, ckpt_every=20 if fast else 250,
+        steps=300 if fast else cfg.lvm_steps, batch_size=8 if fast else cfg.lvm_batch_size, lr=cfg.lvm_lr,
+        warmup_steps=30 if fast else 100, eval_every=100 if fast else 250, ckpt_every=100 if fast else 250,
         eval_rows=16 if fast else 64, seed=cfg.seed, compile=cfg.compile and not fast,
     ))
     entropy = unigram_entropy(np.asarray(train_tokens.tokens))
