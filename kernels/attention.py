@@ -242,6 +242,15 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def _load_rows(ptr, offs_rows, N, EVEN_N: tl.constexpr):
+        """A [rows, D] tile; rows at or past N read as zeros unless every tile is full (EVEN_N)."""
+        if EVEN_N:
+            tile = tl.load(ptr)
+        else:
+            tile = tl.load(ptr, mask=offs_rows[:, None] < N, other=0.0)
+        return tile
+
+    @triton.jit
     def _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, offs_m, N, lo, hi, qk_scale,
         DIAG: tl.constexpr, EVEN_N: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -253,12 +262,8 @@ if HAS_TRITON:
             start_n = tl.multiple_of(start_n, BLOCK_N)
             offs_n = start_n + tl.arange(0, BLOCK_N)
             kv_off = offs_n[:, None] * HEAD_DIM + offs_d[None, :]  # [BLOCK_N, D]
-            if EVEN_N:
-                k = tl.load(k_base + kv_off)
-                v = tl.load(v_base + kv_off)
-            else:
-                k = tl.load(k_base + kv_off, mask=offs_n[:, None] < N, other=0.0)
-                v = tl.load(v_base + kv_off, mask=offs_n[:, None] < N, other=0.0)
+            k = _load_rows(k_base + kv_off, offs_n, N, EVEN_N)
+            v = _load_rows(v_base + kv_off, offs_n, N, EVEN_N)
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N], unscaled
             if DIAG:  # a padded key (n >= N) is visible only to padded queries (m >= n), never stored
                 qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk, float("-inf"))
@@ -287,10 +292,7 @@ if HAS_TRITON:
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
         q_off = offs_m[:, None] * HEAD_DIM + offs_d[None, :]  # [BLOCK_M, D]
-        if EVEN_N:
-            q = tl.load(Q + head + q_off)
-        else:
-            q = tl.load(Q + head + q_off, mask=offs_m[:, None] < N, other=0.0)
+        q = _load_rows(Q + head + q_off, offs_m, N, EVEN_N)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -375,12 +377,8 @@ if HAS_TRITON:
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         kv_off = offs_n[:, None] * HEAD_DIM + offs_d[None, :]  # [BLOCK_N, D]
-        if EVEN_N:
-            k = tl.load(K + head + kv_off)
-            v = tl.load(V + head + kv_off)
-        else:
-            k = tl.load(K + head + kv_off, mask=offs_n[:, None] < N, other=0.0)
-            v = tl.load(V + head + kv_off, mask=offs_n[:, None] < N, other=0.0)
+        k = _load_rows(K + head + kv_off, offs_n, N, EVEN_N)
+        v = _load_rows(V + head + kv_off, offs_n, N, EVEN_N)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         if CAUSAL:
@@ -413,12 +411,8 @@ if HAS_TRITON:
             start_n = tl.multiple_of(start_n, BLOCK_N)
             offs_n = start_n + tl.arange(0, BLOCK_N)
             kv_off = offs_n[:, None] * HEAD_DIM + offs_d[None, :]  # [BLOCK_N, D]
-            if EVEN_N:
-                k = tl.load(k_base + kv_off)
-                v = tl.load(v_base + kv_off)
-            else:
-                k = tl.load(k_base + kv_off, mask=offs_n[:, None] < N, other=0.0)
-                v = tl.load(v_base + kv_off, mask=offs_n[:, None] < N, other=0.0)
+            k = _load_rows(k_base + kv_off, offs_n, N, EVEN_N)
+            v = _load_rows(v_base + kv_off, offs_n, N, EVEN_N)
             logit = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None]  # [BLOCK_M, BLOCK_N]
             if DIAG:  # as in the forward, the causal mask alone hides padded keys from real queries
                 logit = tl.where(offs_m[:, None] >= offs_n[None, :], logit, float("-inf"))
