@@ -64,12 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = argparse.ArgumentParser(prog=f"lvm {args.command}", description=help_text)
     add_dataclass_arguments(sub, config_cls)
     config = config_cls(**vars(sub.parse_args(rest)))
+    user_errors = _user_errors()
     try:
         result = runner(config)
     except KeyboardInterrupt:
         print(f"lvm {args.command}: interrupted; run the same command again to resume.", file=sys.stderr)
         return 130
-    except USER_ERRORS as err:
+    except user_errors as err:
         if os.environ.get("LVM_DEBUG"):
             raise
         print(f"lvm {args.command}: error: {err}", file=sys.stderr)
@@ -126,8 +127,6 @@ def _print_summary(result: Any) -> None:
     elif dataclasses.is_dataclass(result) and not isinstance(result, type):
         print(json.dumps(dataclasses.asdict(result), indent=2, default=str))
 
-
-USER_ERRORS = _user_errors()
 
 if __name__ == "__main__":
     sys.exit(main())
