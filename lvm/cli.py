@@ -38,7 +38,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     ),
     "probe": (
         "lvm.probe", "ProbeConfig", "run_probe",
-        "label-efficiency curves of linear probes on LVM features vs baselines",
+        "label-efficiency curves (linear, attentive, fine-tune probes) of LVM features vs baselines",
     ),
     "quickstart": (
         "lvm.quickstart", "QuickstartConfig", "quickstart",

@@ -1,10 +1,16 @@
 """Probes: how good are the LVM's hidden states for a labelled task, at 1/10/30/100 % of labels?
 
-Features come from any layer of the LVM run on ``[BOS] image [EOS]``; an image's token states are
+Features come from any layer of the LVM run on ``[BOS] image``; an image's token states are
 pooled by ``mean`` (one vector), ``grid`` (average-pooled to a ``g x g`` grid, keeping the layout)
-or ``tokens`` (all of them, for the attentive probe). The linear probe is multinomial logistic
-regression on standardised features with L2 strength picked on a validation split. Baselines at
-every fraction: raw pixels, and the same architecture at random init.
+or ``tokens`` (all of them). Three probes (``methods``):
+
+- ``linear``: multinomial logistic regression on standardised pooled features, L2 strength
+  picked on a validation split;
+- ``attentive``: an attention-pooling head trained on the frozen per-token states;
+- ``finetune``: the LVM up to the chosen layer trained together with that head.
+
+(the last two live in ``lvm.attentive``). Baselines at every fraction: raw pixels (linear), and
+the same architecture at random init (every method; for ``finetune`` that is training from scratch).
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from lvm.model import LVM
 from tokenizer.images import ImageSet, load_images
 
 POOLS = ("mean", "grid", "tokens")
+METHODS = ("linear", "attentive", "finetune")
 
 
 class ProbeError(ValueError):
@@ -43,7 +50,8 @@ class ProbeConfig:
     test_source: str = ""  # empty -> same source, test_split
     test_split: str = "test"
     layers: list[int] = field(default_factory=list)  # empty -> sweep every layer on a subset, keep the best
-    pool: str = "grid"  # mean, grid, tokens
+    methods: list[str] = field(default_factory=lambda: ["linear"])  # linear, attentive, finetune
+    pool: str = "grid"  # the linear probe's pooling: mean, grid, tokens (all token states concatenated)
     grid: int = 3  # g for pool=grid: token states average-pooled to g x g
     fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 0.3, 1.0])
     seeds: int = 3  # repeats (different label subsets) at fractions < 1
@@ -51,6 +59,14 @@ class ProbeConfig:
     sweep_images: int = 5000  # train images used to pick the layer
     limit_train: int = 0  # use at most this many labelled train images (0 = all)
     limit_test: int = 0
+    head_epochs: int = 30  # attentive probe: epochs, capped at head_max_steps steps of head_batch_size
+    head_max_steps: int = 2000
+    head_batch_size: int = 128
+    head_lr: float = 1e-3
+    finetune_epochs: int = 10  # fine-tuning: epochs over the labelled subset, capped at finetune_max_steps
+    finetune_max_steps: int = 300  # ~170 images/s for `small` on 2 cores: 300 x 128 images ~ 4 minutes per fit
+    finetune_lr: float = 1e-3  # the head's; the LVM's is 10x lower
+    flip: bool = True  # fine-tuning: horizontally flipped images as augmentation
     batch_size: int = 256
     seed: int = 0
     out: str = "runs/probe"
@@ -62,6 +78,9 @@ def run_probe(cfg: ProbeConfig) -> dict:
 
     if cfg.pool not in POOLS:
         raise ProbeError(f"pool={cfg.pool!r} is not one of {POOLS}.")
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown or not cfg.methods:
+        raise ProbeError(f"methods {cfg.methods} must be a non-empty list drawn from {METHODS}.")
     bad = [f for f in cfg.fractions if not 0 < f <= 1]
     if bad:
         raise ProbeError(f"fractions {bad} must lie in (0, 1].")
@@ -80,8 +99,11 @@ def run_probe(cfg: ProbeConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     train_ids, test_ids = tok.encode(train_set.images), tok.encode(test_set.images)  # [N, h, w]
+    flipped_ids = None
+    if "finetune" in cfg.methods and cfg.flip:
+        flipped_ids = tok.encode(np.ascontiguousarray(train_set.images[:, :, ::-1]))
 
-    results: dict = {"config": asdict(cfg), "checkpoint": str(ckpt), "rows": [], "layer_sweep": {}}
+    results: dict = {"config": asdict(cfg), "checkpoint": str(ckpt), "rows": [], "layer_sweep": {}, "seconds_by_stage": {}}
     models = {"lvm": model}
     for path in cfg.compare:
         other, other_tok, other_ckpt = load_model_and_tokenizer(path, cfg.tokenizer)
@@ -93,19 +115,46 @@ def run_probe(cfg: ProbeConfig) -> dict:
         models["random-init"] = LVM(model.config).eval()
 
     special = SpecialTokens(tok.vocab_size)
+    clock = results["seconds_by_stage"]
     for name, m in models.items():
         layers = cfg.layers
         if not layers:
             print(f"probe: choosing the layer of {name} on {min(cfg.sweep_images, len(train_ids))} train images", flush=True)
+            tic = time.time()
             best, scores = pick_layer(m, train_ids, train_set.labels, special, cfg)
+            clock[f"{name}: layer sweep"] = round(time.time() - tic, 1)
             results["layer_sweep"][name] = scores
             layers = [best]
         for lay in layers:
-            print(f"probe: features of {name}, layer {lay}", flush=True)
-            f_train = extract_features(m, train_ids, special, lay, cfg.pool, cfg.grid, cfg.batch_size)
-            f_test = extract_features(m, test_ids, special, lay, cfg.pool, cfg.grid, cfg.batch_size)
-            results["rows"] += label_efficiency(f"{name} (layer {lay})", f_train, train_set.labels, f_test,
-                                                test_set.labels, cfg.fractions, cfg.seeds, cfg.seed)
+            label = f"{name} (layer {lay})"
+            if "linear" in cfg.methods or "attentive" in cfg.methods:
+                print(f"probe: features of {name}, layer {lay}", flush=True)
+                tic = time.time()
+                t_train = extract_features(m, train_ids, special, lay, "tokens", batch_size=cfg.batch_size)
+                t_test = extract_features(m, test_ids, special, lay, "tokens", batch_size=cfg.batch_size)
+                clock[f"{label}: features"] = round(time.time() - tic, 1)
+            if "linear" in cfg.methods:
+                tic = time.time()
+                hw = train_ids.shape[1:]
+                f_train, f_test = (pool_tokens(t, cfg.pool, hw, cfg.grid) for t in (t_train, t_test))
+                results["rows"] += label_efficiency(label, f_train, train_set.labels, f_test, test_set.labels,
+                                                    cfg.fractions, cfg.seeds, cfg.seed)
+                clock[f"{label}: linear"] = round(time.time() - tic, 1)
+                del f_train, f_test
+            if "attentive" in cfg.methods:
+                tic = time.time()
+                results["rows"] += head_efficiency(label, "attentive", t_train, train_set.labels, t_test,
+                                                   test_set.labels, cfg)
+                clock[f"{label}: attentive"] = round(time.time() - tic, 1)
+            if "linear" in cfg.methods or "attentive" in cfg.methods:
+                del t_train, t_test
+            if "finetune" in cfg.methods:
+                tic = time.time()
+                flat = lambda ids: None if ids is None else ids.reshape(len(ids), -1).long()  # noqa: E731
+                results["rows"] += head_efficiency(label, "finetune", flat(train_ids), train_set.labels,
+                                                   flat(test_ids), test_set.labels, cfg, lvm=m, layer=lay,
+                                                   bos=special.bos, flipped=flat(flipped_ids))
+                clock[f"{label}: finetune"] = round(time.time() - tic, 1)
     if cfg.baselines:
         px_train, px_test = pixel_features(train_set), pixel_features(test_set)
         results["rows"] += label_efficiency("raw pixels", px_train, train_set.labels, px_test, test_set.labels,
@@ -140,16 +189,26 @@ def extract_features(
         states = model.hidden_states(seq[start : start + batch_size], layers=wanted)
         for layer, state in zip(wanted, states):
             # Image token i sits at position i + 1; the state there has read tokens 0..i + 1.
-            tokens = state[:, 1:].float()  # [b, h*w, D]
-            if pool == "mean":
-                outs[layer].append(tokens.mean(dim=1))
-            elif pool == "grid":
-                spatial = rearrange(tokens, "b (h w) d -> b d h w", h=h, w=w)
-                outs[layer].append(F.adaptive_avg_pool2d(spatial, grid).flatten(1))  # [b, D * g * g]
-            else:
-                outs[layer].append(tokens.half())
+            tokens = state[:, 1:]  # [b, h*w, D]
+            outs[layer].append(tokens.half() if pool == "tokens" else pool_tokens(tokens, pool, (h, w), grid))
     feats = {layer: torch.cat(chunks) for layer, chunks in outs.items()}
     return feats[layers] if isinstance(layers, int) else feats
+
+
+def pool_tokens(tokens: torch.Tensor, pool: str, hw: tuple[int, int], grid: int = 3, batch_size: int = 4096) -> torch.Tensor:
+    """Per-token states ``[N, h*w, D]`` -> features ``[N, F]`` (``tokens``: all of them, flattened), in float32."""
+    h, w = hw
+    chunks = []
+    for start in range(0, len(tokens), batch_size):
+        t = tokens[start : start + batch_size].float()
+        if pool == "mean":
+            chunks.append(t.mean(dim=1))
+        elif pool == "grid":
+            spatial = rearrange(t, "b (h w) d -> b d h w", h=h, w=w)
+            chunks.append(F.adaptive_avg_pool2d(spatial, grid).flatten(1))  # [b, D * g * g]
+        else:
+            chunks.append(t.flatten(1))
+    return torch.cat(chunks)
 
 
 def pixel_features(images: ImageSet) -> torch.Tensor:
@@ -165,7 +224,7 @@ def pick_layer(
     idx = rng.permutation(len(ids))[: min(cfg.sweep_images, len(ids))]
     cut = int(len(idx) * 0.8)
     layers = list(range(1, model.config.n_layer + 1))
-    pool = cfg.pool if cfg.pool != "tokens" else "mean"
+    pool = cfg.pool if cfg.pool != "tokens" else "grid"
     feats = extract_features(model, ids[idx], special, layers, pool, cfg.grid, cfg.batch_size)
     y = torch.from_numpy(labels[idx])
     scores = {layer: LinearProbe.fit(f[:cut], y[:cut]).accuracy(f[cut:], y[cut:]) for layer, f in feats.items()}
@@ -239,8 +298,43 @@ def label_efficiency(
             clf = LinearProbe.fit(f_train[idx], y_train_t[idx], seed=seed + s)
             accs.append(clf.accuracy(f_test, y_test_t))
             bar.update(1)
-        rows.append({"features": name, "fraction": frac, "n_labels": len(idx), "acc_mean": float(np.mean(accs)),
+        rows.append({"features": name, "method": "linear", "fraction": frac, "n_labels": len(idx), "acc_mean": float(np.mean(accs)),
                      "acc_std": float(np.std(accs)), "runs": len(accs), "dim": int(f_train.shape[1])})
+    bar.close()
+    return rows
+
+
+def head_efficiency(
+    name: str, method: str, x_train: torch.Tensor, y_train: np.ndarray, x_test: torch.Tensor, y_test: np.ndarray,
+    cfg: ProbeConfig, lvm: LVM | None = None, layer: int = 0, bos: int = 0, flipped: torch.Tensor | None = None,
+) -> list[dict]:
+    """``label_efficiency`` for the trained heads: ``attentive`` on frozen token states ``[N, T, D]``,
+    ``finetune`` on token ids ``[N, T]`` (needs ``lvm``, ``layer``, ``bos``)."""
+    from lvm.attentive import HeadTrainConfig, accuracy, fine_tune, fit_attentive
+
+    rows = []
+    y_train_t, y_test_t = torch.from_numpy(y_train), torch.from_numpy(y_test)
+    runs = sum(cfg.seeds if f < 1 else 1 for f in cfg.fractions)
+    bar = tqdm(total=runs, desc=f"{method} probes: {name}", unit="fit")
+    for frac in cfg.fractions:
+        accs, val_accs = [], []
+        for s in range(cfg.seeds if frac < 1 else 1):
+            idx = torch.from_numpy(_subset(y_train, frac, cfg.seed + s))
+            if method == "attentive":
+                train_cfg = HeadTrainConfig(epochs=cfg.head_epochs, max_steps=cfg.head_max_steps,
+                                            batch_size=cfg.head_batch_size, lr=cfg.head_lr, seed=cfg.seed + s)
+                clf, val = fit_attentive(x_train[idx], y_train_t[idx], train_cfg)
+            else:
+                train_cfg = HeadTrainConfig(epochs=cfg.finetune_epochs, max_steps=cfg.finetune_max_steps,
+                                            batch_size=cfg.head_batch_size, lr=cfg.finetune_lr, seed=cfg.seed + s)
+                clf, val = fine_tune(lvm, x_train[idx], y_train_t[idx], layer, bos, train_cfg,
+                                     flipped_ids=None if flipped is None else flipped[idx])
+            accs.append(accuracy(clf, x_test, y_test_t))
+            val_accs.append(val)
+            bar.update(1)
+        rows.append({"features": name, "method": method, "fraction": frac, "n_labels": len(idx),
+                     "acc_mean": float(np.mean(accs)), "acc_std": float(np.std(accs)), "runs": len(accs),
+                     "val_acc_mean": float(np.mean(val_accs)), "dim": int(x_train.shape[-1])})
     bar.close()
     return rows
 
@@ -261,18 +355,19 @@ def _subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 def markdown_table(rows: list[dict], fractions: list[float]) -> str:
-    """Features x fraction table of test accuracy (mean ± std over label subsets)."""
-    names = list(dict.fromkeys(r["features"] for r in rows))
-    head = "| features | " + " | ".join(f"{f:.0%} labels" for f in fractions) + " |\n"
-    head += "|---|" + "---|" * len(fractions) + "\n"
+    """(features, probe) x fraction table of test accuracy (mean ± std over label subsets)."""
+    keys = list(dict.fromkeys((r["features"], r.get("method", "linear")) for r in rows))
+    head = "| features | probe | " + " | ".join(f"{f:.0%} labels" for f in fractions) + " |\n"
+    head += "|---|---|" + "---|" * len(fractions) + "\n"
     lines = []
-    for name in names:
+    for name, method in keys:
         cells = []
         for f in fractions:
-            r = next((r for r in rows if r["features"] == name and math.isclose(r["fraction"], f)), None)
+            r = next((r for r in rows if (r["features"], r.get("method", "linear")) == (name, method)
+                      and math.isclose(r["fraction"], f)), None)
             cells.append("" if r is None else f"{100 * r['acc_mean']:.1f} ± {100 * r['acc_std']:.1f}"
                          if r["runs"] > 1 else f"{100 * r['acc_mean']:.1f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -283,10 +378,12 @@ def plot_label_efficiency(rows: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    for name in dict.fromkeys(r["features"] for r in rows):
-        pts = sorted((r["fraction"], 100 * r["acc_mean"], 100 * r["acc_std"]) for r in rows if r["features"] == name)
+    for key in dict.fromkeys((r["features"], r.get("method", "linear")) for r in rows):
+        pts = sorted((r["fraction"], 100 * r["acc_mean"], 100 * r["acc_std"]) for r in rows
+                     if (r["features"], r.get("method", "linear")) == key)
         xs, ys, es = zip(*pts)
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name)
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=f"{key[0]}, {key[1]}",
+                    linestyle={"linear": "-", "attentive": "--", "finetune": ":"}.get(key[1], "-"))
     ax.set_xscale("log")
     ax.set_xlabel("fraction of training labels")
     ax.set_ylabel("test accuracy (%)")

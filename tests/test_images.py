@@ -231,3 +231,22 @@ def test_transforms():
     assert np.array_equal(transform_images(x, "rot90")[0, 0, :, 0], x[0, :, 3, 0])
     with pytest.raises(ImageSourceError, match="transform"):
         transform_images(x, "blur")
+
+
+def test_skimage_crops_source_is_real_deterministic_and_labelled():
+    pytest.importorskip("skimage")
+    from tokenizer.images import SKIMAGE_IMAGES
+
+    a = load_images("skimage-crops", "test", limit=360, progress=False)
+    b = load_images("skimage-crops", "test", limit=360, progress=False)
+    assert a.images.shape == (360, 28, 28, 1) and a.images.dtype == np.uint8
+    np.testing.assert_array_equal(a.images, b.images)
+    assert np.bincount(a.labels).tolist() == [360 // len(SKIMAGE_IMAGES)] * len(SKIMAGE_IMAGES)
+    assert a.class_names == SKIMAGE_IMAGES
+    assert a.images.reshape(360, -1).std(1).mean() > 5  # real texture, not blank crops
+    train = load_images("skimage-crops", "train", limit=360, progress=False)
+    assert not np.array_equal(train.images, a.images)
+    rgb = load_images("skimage-crops", "train", size=16, channels=3, limit=20, progress=False)
+    assert rgb.images.shape == (20, 16, 16, 3)
+    with pytest.raises(ImageSourceError, match="split"):
+        load_images("skimage-crops", "val")

@@ -1,6 +1,7 @@
 """Image sources: everything a user may point the toolkit at, loaded into one uint8 array.
 
-Supported: the named source ``fashion-mnist`` (Debian's ``dataset-fashion-mnist``), a folder of
+Supported: the named sources ``fashion-mnist`` (Debian's ``dataset-fashion-mnist``) and
+``skimage-crops`` (random crops of the real images bundled with scikit-image), a folder of
 image files (recursive; class = top-level sub-folder), MNIST-style IDX files (raw or ``.gz``),
 and ``.npy`` / ``.npz`` arrays. Every bad input raises :class:`ImageSourceError` with a one-line
 message naming the file and the fix; corrupt image files can be skipped with a warning instead.
@@ -27,6 +28,14 @@ FASHION_MNIST_CLASSES = [
 ]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 ARRAY_SUFFIXES = {".npy", ".npz"}
+# Real images shipped inside scikit-image's wheel (no download): microscopy, histology, retina,
+# textures, documents, astronomy and a few photographs. Crops of these are the out-of-domain set
+# for "does pretraining on *my* domain matter?" comparisons; the class of a crop is its image.
+SKIMAGE_IMAGES = [
+    "brick", "grass", "gravel", "cell", "coins", "immunohistochemistry", "retina", "microaneurysms",
+    "moon", "hubble_deep_field", "camera", "page", "text", "clock", "coffee", "chelsea", "astronaut", "rocket",
+]
+SKIMAGE_SIZES = {"train": 60000, "test": 10000}
 
 
 class ImageSourceError(ValueError):
@@ -80,6 +89,8 @@ def load_images(
     name = str(source)
     if name.lower() in ("fashion-mnist", "fashion_mnist", "fmnist"):
         result = _load_fashion_mnist(split, limit)
+    elif name.lower() in ("skimage-crops", "skimage"):
+        result = _load_skimage_crops(split, limit, size or 28, channels or 1, progress)
     else:
         path = Path(source).expanduser()
         if not path.exists():
@@ -153,6 +164,40 @@ def _load_fashion_mnist(split: str, limit: int | None) -> ImageSet:
     labels = _read_idx(labels_path, limit).astype(np.int64) if labels_path else None
     _check_label_count(images, labels, labels_path)
     return ImageSet(images[..., None], labels, list(FASHION_MNIST_CLASSES), f"fashion-mnist:{split}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Named source: crops of scikit-image's bundled images
+# ---------------------------------------------------------------------------------------------
+
+def _load_skimage_crops(split: str, limit: int | None, size: int, channels: int, progress: bool = True) -> ImageSet:
+    """Square crops (16-160 px, random place) of each bundled image, resized to ``size``.
+
+    Deterministic per split (train and test use different seeds, so no crop is shared exactly);
+    classes are balanced, label = source image.
+    """
+    if split not in SKIMAGE_SIZES:
+        raise ImageSourceError(f"split={split!r} is not a skimage-crops split; use 'train' or 'test'.")
+    try:
+        import skimage.data
+    except ImportError:
+        raise ImageSourceError("skimage-crops needs scikit-image; install it with 'pip install scikit-image'.") from None
+    count = min(limit or SKIMAGE_SIZES[split], SKIMAGE_SIZES[split])
+    rng = np.random.default_rng({"train": 0, "test": 1}[split])
+    labels = np.arange(count) % len(SKIMAGE_IMAGES)
+    rng.shuffle(labels)
+    mode = "L" if channels == 1 else "RGB"
+    images = np.empty((count, size, size, channels), np.uint8)
+    for k, name in enumerate(tqdm(SKIMAGE_IMAGES, desc="skimage crops", unit="image", leave=False, disable=not progress)):
+        src = Image.fromarray(_as_uint8(np.asarray(getattr(skimage.data, name)()), name)).convert(mode)
+        w, h = src.size
+        for i in np.flatnonzero(labels == k):
+            side = int(rng.integers(16, min(160, w, h) + 1))
+            x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+            crop = src.crop((x, y, x + side, y + side)).resize((size, size), Image.Resampling.BOX)
+            arr = np.asarray(crop)
+            images[i] = arr[..., None] if arr.ndim == 2 else arr
+    return ImageSet(images, labels.astype(np.int64), list(SKIMAGE_IMAGES), f"skimage-crops:{split}")
 
 
 def _find_idx(root: Path, stem: str) -> Path | None:
