@@ -54,3 +54,12 @@ def test_probe_rejects_unlabeled_data(tiny_pipeline, tmp_path):
     cfg = ProbeConfig(checkpoint=tiny_pipeline["lvm"], source=str(tmp_path / "unlabeled.npy"), out=str(tmp_path))
     with pytest.raises(ProbeError, match="no labels"):
         run_probe(cfg)
+
+
+def test_probe_compares_checkpoints_on_one_task(tiny_pipeline, tmp_path):
+    cfg = ProbeConfig(checkpoint=tiny_pipeline["lvm"], compare=[tiny_pipeline["lvm"]], source=tiny_pipeline["npz"],
+                      fractions=[1.0], seeds=1, layers=[2], baselines=False, out=str(tmp_path))
+    rows = run_probe(cfg)["rows"]
+    by_name = {r["features"]: r["acc_mean"] for r in rows}
+    assert set(by_name) == {"lvm (layer 2)", f"lvm:{tiny_pipeline['lvm']} (layer 2)"}
+    assert len(set(by_name.values())) == 1  # the same weights probed twice give the same accuracy
