@@ -88,7 +88,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_cls: type) -
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help") or comments.get(f.name, "")
-        help_text = f"{help_text} (default: {default})".strip()
+        help_text = f"{help_text} (default: {default})".strip().replace("%", "%%")  # argparse formats help with %
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif typing.get_origin(kind) in (list, tuple):
