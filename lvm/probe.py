@@ -99,9 +99,12 @@ def run_probe(cfg: ProbeConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     train_ids, test_ids = tok.encode(train_set.images), tok.encode(test_set.images)  # [N, h, w]
-    flipped_ids = None
-    if "finetune" in cfg.methods and cfg.flip:
-        flipped_ids = tok.encode(np.ascontiguousarray(train_set.images[:, :, ::-1]))
+    if "finetune" in cfg.methods:  # fine-tuning reads token ids, one row per image: [N, h*w]
+        ft_train, ft_test = (ids.reshape(len(ids), -1).long() for ids in (train_ids, test_ids))
+        ft_flipped = None
+        if cfg.flip:
+            ft_flipped = tok.encode(np.ascontiguousarray(train_set.images[:, :, ::-1])).reshape(len(ft_train), -1).long()
+    frozen_states = "linear" in cfg.methods or "attentive" in cfg.methods  # both read cached token states
 
     results: dict = {"config": asdict(cfg), "checkpoint": str(ckpt), "rows": [], "layer_sweep": {}, "seconds_by_stage": {}}
     models = {"lvm": model}
@@ -127,7 +130,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
             layers = [best]
         for lay in layers:
             label = f"{name} (layer {lay})"
-            if "linear" in cfg.methods or "attentive" in cfg.methods:
+            if frozen_states:
                 print(f"probe: features of {name}, layer {lay}", flush=True)
                 tic = time.time()
                 t_train = extract_features(m, train_ids, special, lay, "tokens", batch_size=cfg.batch_size)
@@ -146,14 +149,13 @@ def run_probe(cfg: ProbeConfig) -> dict:
                 results["rows"] += head_efficiency(label, "attentive", t_train, train_set.labels, t_test,
                                                    test_set.labels, cfg)
                 clock[f"{label}: attentive"] = round(time.time() - tic, 1)
-            if "linear" in cfg.methods or "attentive" in cfg.methods:
+            if frozen_states:
                 del t_train, t_test
             if "finetune" in cfg.methods:
                 tic = time.time()
-                flat = lambda ids: None if ids is None else ids.reshape(len(ids), -1).long()  # noqa: E731
-                results["rows"] += head_efficiency(label, "finetune", flat(train_ids), train_set.labels,
-                                                   flat(test_ids), test_set.labels, cfg, lvm=m, layer=lay,
-                                                   bos=special.bos, flipped=flat(flipped_ids))
+                results["rows"] += head_efficiency(label, "finetune", ft_train, train_set.labels, ft_test,
+                                                   test_set.labels, cfg, lvm=m, layer=lay, bos=special.bos,
+                                                   flipped=ft_flipped)
                 clock[f"{label}: finetune"] = round(time.time() - tic, 1)
     if cfg.baselines:
         px_train, px_test = pixel_features(train_set), pixel_features(test_set)
@@ -303,20 +305,12 @@ def label_efficiency(
     fractions: list[float], seeds: int, seed: int = 0,
 ) -> list[dict]:
     """Test accuracy of a linear probe trained on each fraction of the labels (mean ± std over seeds)."""
-    rows = []
     y_train_t, y_test_t = torch.from_numpy(y_train), torch.from_numpy(y_test)
-    bar = tqdm(total=sum(seeds if f < 1 else 1 for f in fractions), desc=f"probes: {name}", unit="fit")
-    for frac in fractions:
-        accs = []
-        for s in range(seeds if frac < 1 else 1):
-            idx = _subset(y_train, frac, seed + s)
-            clf = LinearProbe.fit(f_train[idx], y_train_t[idx], seed=seed + s)
-            accs.append(clf.accuracy(f_test, y_test_t))
-            bar.update(1)
-        rows.append({"features": name, "method": "linear", "fraction": frac, "n_labels": len(idx), "acc_mean": float(np.mean(accs)),
-                     "acc_std": float(np.std(accs)), "runs": len(accs), "dim": int(f_train.shape[1])})
-    bar.close()
-    return rows
+
+    def fit_score(idx: np.ndarray, s: int) -> tuple[float, None]:
+        return LinearProbe.fit(f_train[idx], y_train_t[idx], seed=s).accuracy(f_test, y_test_t), None
+
+    return _curve(name, "linear", y_train, fractions, seeds, seed, int(f_train.shape[1]), fit_score, f"probes: {name}")
 
 
 def head_efficiency(
@@ -327,29 +321,46 @@ def head_efficiency(
     ``finetune`` on token ids ``[N, T]`` (needs ``lvm``, ``layer``, ``bos``)."""
     from lvm.attentive import HeadTrainConfig, accuracy, fine_tune, fit_attentive
 
-    rows = []
     y_train_t, y_test_t = torch.from_numpy(y_train), torch.from_numpy(y_test)
-    runs = sum(cfg.seeds if f < 1 else 1 for f in cfg.fractions)
-    bar = tqdm(total=runs, desc=f"{method} probes: {name}", unit="fit")
-    for frac in cfg.fractions:
+    attentive = method == "attentive"
+
+    def fit_score(idx: np.ndarray, s: int) -> tuple[float, float]:
+        idx = torch.from_numpy(idx)
+        train_cfg = HeadTrainConfig(epochs=cfg.head_epochs if attentive else cfg.finetune_epochs,
+                                    max_steps=cfg.head_max_steps if attentive else cfg.finetune_max_steps,
+                                    batch_size=cfg.head_batch_size, lr=cfg.head_lr if attentive else cfg.finetune_lr,
+                                    seed=s)
+        if attentive:
+            clf, val = fit_attentive(x_train[idx], y_train_t[idx], train_cfg)
+        else:
+            clf, val = fine_tune(lvm, x_train[idx], y_train_t[idx], layer, bos, train_cfg,
+                                 flipped_ids=None if flipped is None else flipped[idx])
+        return accuracy(clf, x_test, y_test_t), val
+
+    return _curve(name, method, y_train, cfg.fractions, cfg.seeds, cfg.seed, int(x_train.shape[-1]), fit_score,
+                  f"{method} probes: {name}")
+
+
+def _curve(name: str, method: str, y_train: np.ndarray, fractions: list[float], seeds: int, seed: int, dim: int,
+           fit_score, desc: str) -> list[dict]:
+    """One row per fraction: ``fit_score(subset indices, seed) -> (test acc, val acc or None)`` over
+    ``seeds`` class-balanced label subsets (one at 100 %), reduced to mean ± std."""
+    rows = []
+    bar = tqdm(total=sum(seeds if f < 1 else 1 for f in fractions), desc=desc, unit="fit")
+    for frac in fractions:
         accs, val_accs = [], []
-        for s in range(cfg.seeds if frac < 1 else 1):
-            idx = torch.from_numpy(_subset(y_train, frac, cfg.seed + s))
-            if method == "attentive":
-                train_cfg = HeadTrainConfig(epochs=cfg.head_epochs, max_steps=cfg.head_max_steps,
-                                            batch_size=cfg.head_batch_size, lr=cfg.head_lr, seed=cfg.seed + s)
-                clf, val = fit_attentive(x_train[idx], y_train_t[idx], train_cfg)
-            else:
-                train_cfg = HeadTrainConfig(epochs=cfg.finetune_epochs, max_steps=cfg.finetune_max_steps,
-                                            batch_size=cfg.head_batch_size, lr=cfg.finetune_lr, seed=cfg.seed + s)
-                clf, val = fine_tune(lvm, x_train[idx], y_train_t[idx], layer, bos, train_cfg,
-                                     flipped_ids=None if flipped is None else flipped[idx])
-            accs.append(accuracy(clf, x_test, y_test_t))
-            val_accs.append(val)
+        for s in range(seeds if frac < 1 else 1):
+            idx = _subset(y_train, frac, seed + s)
+            acc, val = fit_score(idx, seed + s)
+            accs.append(acc)
+            if val is not None:
+                val_accs.append(val)
             bar.update(1)
-        rows.append({"features": name, "method": method, "fraction": frac, "n_labels": len(idx),
-                     "acc_mean": float(np.mean(accs)), "acc_std": float(np.std(accs)), "runs": len(accs),
-                     "val_acc_mean": float(np.mean(val_accs)), "dim": int(x_train.shape[-1])})
+        row = {"features": name, "method": method, "fraction": frac, "n_labels": len(idx),
+               "acc_mean": float(np.mean(accs)), "acc_std": float(np.std(accs)), "runs": len(accs)}
+        if val_accs:
+            row["val_acc_mean"] = float(np.mean(val_accs))
+        rows.append({**row, "dim": dim})
     bar.close()
     return rows
 
