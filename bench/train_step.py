@@ -1,20 +1,24 @@
-"""Training-step throughput: our LVM step vs a plain eager PyTorch baseline of the same architecture.
+"""Training-step throughput: our LVM step, one lever at a time, vs a plain eager PyTorch baseline.
 
     python -m bench.train_step [--preset small] [--batch 16] [--context 510] [--steps 6] [--rounds 3]
 
 The baseline below is what one writes without our kernels: the same LLaMA-style blocks, attention
-through ``F.scaled_dot_product_attention`` and the loss as full ``[B*T, V]`` logits +
-``F.cross_entropy``. Both models share weights and batches; the two loops alternate in rounds so
-machine noise hits both alike, and the figure is the ratio of their median tokens/s. Writes
-``bench/results/train_step-<device>.json`` and ``.md``.
+through ``F.scaled_dot_product_attention`` over the whole packed row and the loss as full
+``[B*T, V]`` logits + ``F.cross_entropy``, in fp32. The rungs above it add, in turn, our kernels'
+dispatch and fused linear+CE, bf16 autocast, attention restricted to each packed sentence (what
+``lvm train`` does by default), and torch.compile. All rungs start from the same weights and see the
+same batches; they alternate in rounds so machine noise hits all alike, and the figure is the ratio
+of median tokens/s. Writes ``bench/results/train_step-<device>.json`` and ``.md``.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 
 from lvm.config import LVMConfig
 from lvm.model import LVM, apply_rope
+from kernels.dispatch import cpu_has_fast_bf16, mixed_precision
 
 
 class PlainBlock(nn.Module):
@@ -67,11 +72,12 @@ class PlainLVM(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
-def _time_steps(model, opt, batches) -> float:
+def _time_steps(model, opt, batches, autocast=None, segment_len=None) -> float:
     """Tokens/s over the given batches (one optimizer step each)."""
     start, tokens = time.perf_counter(), 0
     for x, y in batches:
-        loss = model(x, y)
+        with autocast if autocast is not None else nullcontext():
+            loss = model(x, y, segment_len=segment_len) if segment_len else model(x, y)
         loss = loss.loss if hasattr(loss, "loss") else loss
         loss.backward()
         opt.step()
@@ -86,55 +92,71 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--vocab", type=int, default=1004)  # 1000 FSQ codes + 4 specials
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--context", type=int, default=510)
+    p.add_argument("--sentence", type=int, default=51, help="packed sentence length (7x7 tokens + BOS + EOS)")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--compile", action="store_true", help="torch.compile our model (TrainConfig.compile)")
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rung")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
     cfg = LVMConfig.preset(args.preset, vocab_size=args.vocab, max_seq_len=args.context)
-    ours = LVM(cfg)
+    device = torch.device("cpu")
+    bf16 = mixed_precision(device, "bf16")
+    base = LVM(cfg)
     plain = PlainLVM(cfg)
-    _copy_weights(ours, plain)
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
-    ours_step = torch.compile(ours) if args.compile else ours
-    opt_plain = torch.optim.AdamW(plain.parameters(), lr=1e-4)
+    _copy_weights(base, plain)
+    # Each rung adds one lever to the one above it; every rung owns a copy of the same weights.
+    rungs = [("plain eager PyTorch (SDPA over the row, full-logits CE), fp32", plain, None, None)]
+    rungs.append(("ours (kernels dispatch, fused linear+CE), fp32", copy.deepcopy(base), None, None))
+    rungs.append(("ours, bf16 autocast", copy.deepcopy(base), bf16, None))
+    rungs.append(("ours, bf16, attention within each sentence", copy.deepcopy(base), bf16, args.sentence))
+    if not args.no_compile:
+        rungs.append(("ours, bf16, sentence attention, torch.compile", torch.compile(copy.deepcopy(base)), bf16,
+                      args.sentence))
     g = torch.Generator().manual_seed(0)
     batches = [
         (lambda s: (s[:, :-1], s[:, 1:]))(torch.randint(0, args.vocab, (args.batch, args.context), generator=g))
         for _ in range(args.steps)
     ]
-    with torch.no_grad():  # same weights, same batch: the two losses must agree
-        a, b = ours_step(*batches[0]).loss.item(), plain(*batches[0]).item()
+    with torch.no_grad():  # same weights, same batch: the fp32 rungs must compute the same loss
+        a, b = base(*batches[0]).loss.item(), plain(*batches[0]).item()
     assert abs(a - b) < 1e-3, f"baseline is not the same model: loss {a} vs {b}"
-    _time_steps(ours_step, opt_ours, batches[:2])  # warm-up (and compilation)
-    _time_steps(plain, opt_plain, batches[:1])
-    ours_tps, plain_tps = [], []
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-4) for _, m, _, _ in rungs]
+    for (_, m, ac, seg), opt in zip(rungs, opts):  # warm-up (and compilation)
+        _time_steps(m, opt, batches[:2], ac, seg)
+    tps: list[list[float]] = [[] for _ in rungs]
     for _ in range(args.rounds):
-        ours_tps.append(_time_steps(ours_step, opt_ours, batches))
-        plain_tps.append(_time_steps(plain, opt_plain, batches))
+        for i, ((_, m, ac, seg), opt) in enumerate(zip(rungs, opts)):
+            tps[i].append(_time_steps(m, opt, batches, ac, seg))
+    medians = [statistics.median(t) for t in tps]
     result = {
         "device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "preset": args.preset, "batch": args.batch, "context": args.context,
-        "vocab": args.vocab, "compile": args.compile, "ours_tokens_per_s": statistics.median(ours_tps),
-        "plain_tokens_per_s": statistics.median(plain_tps),
-        "ratio": statistics.median(ours_tps) / statistics.median(plain_tps),
-        "rounds": {"ours": ours_tps, "plain": plain_tps}, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cpu_amx_bf16": cpu_has_fast_bf16(), "torch": torch.__version__, "preset": args.preset,
+        "batch": args.batch, "context": args.context, "sentence": args.sentence, "vocab": args.vocab,
+        "rungs": [{"loop": name, "tokens_per_s": med, "ratio_vs_plain": med / medians[0], "rounds": t}
+                  for (name, *_), med, t in zip(rungs, medians, tps)],
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"train_step-{'cuda' if torch.cuda.is_available() else 'cpu'}{'-compiled' if args.compile else ''}"
+    name = f"train_step-{'cuda' if torch.cuda.is_available() else 'cpu'}"
     (out / f"{name}.json").write_text(json.dumps(result, indent=2))
-    (out / f"{name}.md").write_text(
-        f"# Training step: ours vs plain eager PyTorch ({result['device']}, {result['threads']} threads)\n\n"
-        f"torch {result['torch']}, {result['date']}; preset `{args.preset}`, batch {args.batch} x {args.context} "
-        f"tokens, vocab {args.vocab}; median of {args.rounds} alternating rounds of {args.steps} steps.\n\n"
-        "| loop | tokens/s (median) | ratio vs plain |\n|---|---:|---:|\n"
-        f"| ours (lvm.model.LVM, kernels dispatch{', torch.compile' if args.compile else ''}) | {result['ours_tokens_per_s']:,.0f} | {result['ratio']:.3f} |\n"
-        f"| plain (SDPA + full-logits CE) | {result['plain_tokens_per_s']:,.0f} | 1.000 |\n"
-    )
-    print(json.dumps({k: v for k, v in result.items() if k != "rounds"}, indent=2))
+    lines = [
+        f"# Training step: our levers one by one vs plain eager PyTorch ({result['device']}, {result['threads']} threads)",
+        "",
+        f"torch {result['torch']}, {result['date']}; CPU with AMX bf16: {result['cpu_amx_bf16']}; preset "
+        f"`{args.preset}`, batch {args.batch} x {args.context} tokens ({args.context // args.sentence} packed "
+        f"sentences of {args.sentence}), vocab {args.vocab}; median of {args.rounds} alternating rounds of "
+        f"{args.steps} optimizer steps each.",
+        "",
+        "| loop | tokens/s (median) | ratio vs plain |",
+        "|---|---:|---:|",
+        *[f"| {r['loop']} | {r['tokens_per_s']:,.0f} | {r['ratio_vs_plain']:.2f} |" for r in result["rungs"]],
+        "",
+    ]
+    (out / f"{name}.md").write_text("\n".join(lines))
+    print("\n".join(lines))
     return result
 
 

@@ -325,6 +325,8 @@ def _check_inputs(hidden, weight, target, bias, ignore_index, reduction, label_s
         raise ValueError(f"z_loss={z_loss} must be >= 0.")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1, or None to size chunks from V.")
+    if torch.compiler.is_compiling():
+        return  # the value check below is data-dependent: it would break the compiled graph in two
     v = weight.shape[0]
     bad = ((target < 0) | (target >= v)) & (target != ignore_index)
     if bool(bad.any()):

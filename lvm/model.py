@@ -70,13 +70,23 @@ class LVM(nn.Module):
 
     # ---- training / scoring -------------------------------------------------------------------
 
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None) -> LVMOutput:
-        """Next-token loss (mean over targets != -100) when ``targets`` [B, T] is given, else logits [B, T, V]."""
+    def forward(
+        self, ids: torch.Tensor, targets: torch.Tensor | None = None, segment_len: int | None = None
+    ) -> LVMOutput:
+        """Next-token loss (mean over targets != -100) when ``targets`` [B, T] is given, else logits [B, T, V].
+
+        ``segment_len`` L: the row is consecutive blocks of L tokens (packed sentences) and each
+        block attends only to itself, as if every sentence were its own row; with RoPE this is
+        exactly what a lone sentence at position 0 sees (at probe and generation time), and
+        attention costs T*L instead of T^2/2.
+        """
         self._check_ids(ids)
+        if segment_len is not None and segment_len < 1:
+            raise ValueError(f"segment_len={segment_len} must be >= 1 (or None for attention over the whole row).")
         x = self.drop(self.tok_emb(ids))  # [B, T, D]
         cos, sin = self._rope(0, ids.shape[1], ids.device)
         for block in self.blocks:
-            x = block(x, cos, sin)
+            x = block(x, cos, sin, segment_len=segment_len)
         h = self.norm_f(x)  # [B, T, D]
         if targets is not None:
             if targets.shape != ids.shape:
@@ -326,8 +336,9 @@ class Block(nn.Module):
         sin: torch.Tensor,
         cache: "KVCache | None" = None,
         layer: int = 0,
+        segment_len: int | None = None,
     ) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm_attn(x), cos, sin, cache, layer))
+        x = x + self.drop(self.attn(self.norm_attn(x), cos, sin, cache, layer, segment_len))
         return x + self.drop(self.mlp(self.norm_mlp(x)))
 
 
@@ -347,11 +358,14 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         cache: "KVCache | None" = None,
         layer: int = 0,
+        segment_len: int | None = None,
     ) -> torch.Tensor:
         qkv = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)
         q, k = apply_rope(qkv[:2], cos, sin)  # q and k rotated in one go: [B, H, T, Dh] each
         v = qkv[2]
-        if cache is None or cache.length == 0:
+        if segment_len is not None and cache is None and q.shape[2] > segment_len:
+            y = segment_attention(q, k, v, segment_len)
+        elif cache is None or cache.length == 0:
             if cache is not None:
                 cache.write(layer, k, v)  # prefill: the prompt attends only to itself
             y = flash_attention(q, k, v, causal=True)
@@ -393,6 +407,22 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_len: int) -> torch.Tensor:
+    """Causal attention inside consecutive blocks of ``segment_len`` tokens of q, k, v [B, H, T, Dh].
+
+    The blocks become batch rows, so any attention kernel serves. A short last block is padded
+    at its end; padded keys sit after every real query of that block, so the causal mask hides them.
+    """
+    t = q.shape[2]
+    pad = -t % segment_len
+    if pad:
+        q, k, v = (F.pad(z, (0, 0, 0, pad)) for z in (q, k, v))
+    q, k, v = (rearrange(z, "b h (s l) d -> (b s) h l d", l=segment_len) for z in (q, k, v))
+    y = flash_attention(q, k, v, causal=True)
+    y = rearrange(y, "(b s) h l d -> b h (s l) d", b=q.shape[0] // ((t + pad) // segment_len))
+    return y[:, :, :t]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

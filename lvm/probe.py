@@ -68,6 +68,7 @@ class ProbeConfig:
     finetune_lr: float = 1e-3  # the head's; the LVM's is 10x lower
     flip: bool = True  # fine-tuning: horizontally flipped images as augmentation
     batch_size: int = 256
+    precision: str = "auto"  # feature extraction: auto (bf16 where the hardware is fast at it), bf16, fp32
     seed: int = 0
     out: str = "runs/probe"
 
@@ -81,6 +82,8 @@ def run_probe(cfg: ProbeConfig) -> dict:
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown or not cfg.methods:
         raise ProbeError(f"methods {cfg.methods} must be a non-empty list drawn from {METHODS}.")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise ProbeError(f"precision={cfg.precision!r} is not one of auto, bf16, fp32.")
     bad = [f for f in cfg.fractions if not 0 < f <= 1]
     if bad:
         raise ProbeError(f"fractions {bad} must lie in (0, 1].")
@@ -133,8 +136,10 @@ def run_probe(cfg: ProbeConfig) -> dict:
             if frozen_states:
                 print(f"probe: features of {name}, layer {lay}", flush=True)
                 tic = time.time()
-                t_train = extract_features(m, train_ids, special, lay, "tokens", batch_size=cfg.batch_size)
-                t_test = extract_features(m, test_ids, special, lay, "tokens", batch_size=cfg.batch_size)
+                t_train = extract_features(m, train_ids, special, lay, "tokens", batch_size=cfg.batch_size,
+                                           precision=cfg.precision)
+                t_test = extract_features(m, test_ids, special, lay, "tokens", batch_size=cfg.batch_size,
+                                          precision=cfg.precision)
                 clock[f"{label}: features"] = round(time.time() - tic, 1)
             if "linear" in cfg.methods:
                 tic = time.time()
@@ -175,23 +180,28 @@ def run_probe(cfg: ProbeConfig) -> dict:
 @torch.no_grad()
 def extract_features(
     model: LVM, ids: torch.Tensor, special: SpecialTokens, layers: int | list[int], pool: str = "grid",
-    grid: int = 3, batch_size: int = 256,
+    grid: int = 3, batch_size: int = 256, precision: str = "auto",
 ) -> torch.Tensor | dict[int, torch.Tensor]:
     """Hidden states of each layer over each image's tokens, pooled to [N, F] (``tokens``: [N, h*w, D]).
 
     One forward pass serves every requested layer; an int ``layers`` returns one tensor, a list a
-    dict layer -> features.
+    dict layer -> features. ``precision`` is the forward's autocast (see ``kernels.dispatch.mixed_precision``).
     """
+    from kernels.dispatch import mixed_precision
+
     model.eval()
+    device = next(model.parameters()).device
     wanted = [layers] if isinstance(layers, int) else list(layers)
     n, h, w = ids.shape
     seq = torch.cat([torch.full((n, 1), special.bos), ids.reshape(n, h * w).long()], dim=1)  # [N, 1 + h*w]
     outs: dict[int, list[torch.Tensor]] = {layer: [] for layer in wanted}
     for start in tqdm(range(0, n, batch_size), desc="features", unit="batch", leave=False):
-        states = model.hidden_states(seq[start : start + batch_size], layers=wanted)
+        with mixed_precision(device, precision):
+            states = model.hidden_states(seq[start : start + batch_size].to(device), layers=wanted)
         for layer, state in zip(wanted, states):
             # Image token i sits at position i + 1; the state there has read tokens 0..i + 1.
             tokens = state[:, 1:]  # [b, h*w, D]
+            tokens = tokens.float().cpu()
             outs[layer].append(tokens.half() if pool == "tokens" else pool_tokens(tokens, pool, (h, w), grid))
     feats = {layer: torch.cat(chunks) for layer, chunks in outs.items()}
     return feats[layers] if isinstance(layers, int) else feats
@@ -227,7 +237,7 @@ def pick_layer(
     cut = int(len(idx) * 0.8)
     layers = list(range(1, model.config.n_layer + 1))
     pool = cfg.pool if cfg.pool != "tokens" else "grid"
-    feats = extract_features(model, ids[idx], special, layers, pool, cfg.grid, cfg.batch_size)
+    feats = extract_features(model, ids[idx], special, layers, pool, cfg.grid, cfg.batch_size, cfg.precision)
     y = torch.from_numpy(labels[idx])
     scores = {layer: LinearProbe.fit(f[:cut], y[:cut]).accuracy(f[cut:], y[cut:]) for layer, f in feats.items()}
     return max(scores, key=scores.get), scores

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from kernels.dispatch import PRECISIONS, mixed_precision
 from lvm.config import LVMConfig
 from lvm.data import DataError, PackedBatches, VisualSentences, eval_batches
 from lvm.model import LVM
@@ -67,6 +68,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda
     compile: bool = False  # torch.compile the model
+    precision: str = "auto"  # auto (bf16 autocast on CUDA and on CPUs with AMX, else fp32), bf16, fp32
+    sentence_attention: bool = True  # each packed sentence attends only to itself; False: to the whole row
     fsdp: bool = False  # under torchrun: shard weights, grads and optimizer state (FSDP2) instead of DDP
     kernels: str = "auto"  # auto, torch, triton (sets LVM_KERNELS for this process)
     threads: int = 0  # torch CPU threads; 0 -> leave torch's default
@@ -144,9 +147,8 @@ def train(cfg: TrainConfig) -> dict:
         step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         step_model = torch.compile(step_model)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    )
+    autocast = mixed_precision(device, cfg.precision)
+    segment_len = train_set.length if cfg.sentence_attention else None
 
     # ---- loop ------------------------------------------------------------------------------
     bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=not (is_main and cfg.progress))
@@ -166,7 +168,7 @@ def train(cfg: TrainConfig) -> dict:
                 sync = micro == cfg.grad_accum - 1 or world == 1
                 ctx = step_model.no_sync() if (world > 1 and not sync) else nullcontext()
                 with ctx, autocast:
-                    loss = step_model(inputs[sl], targets[sl]).loss / cfg.grad_accum
+                    loss = step_model(inputs[sl], targets[sl], segment_len=segment_len).loss / cfg.grad_accum
                 loss.backward()
                 total += loss.detach()
             if world > 1:
@@ -196,7 +198,8 @@ def train(cfg: TrainConfig) -> dict:
                           "tokens_per_s": round(tok_s, 1), "epoch": round(packer.epoch_of(done), 4)}
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}")
             if done % cfg.eval_every == 0 or done == cfg.steps:
-                eval_loss = evaluate(model, eval_set, context_len, micro_rows, cfg.eval_rows, device, autocast)
+                eval_loss = evaluate(model, eval_set, context_len, micro_rows, cfg.eval_rows, device, autocast,
+                                     cfg.sentence_attention)
                 if is_main:
                     record = {**(record or {"step": done}), "eval_loss": round(eval_loss, 5)}
             if record is not None:
@@ -249,14 +252,15 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 @torch.no_grad()
 def evaluate(model: LVM, sentences: VisualSentences, context_len: int, batch_rows: int, max_rows: int,
-             device: torch.device, autocast=nullcontext()) -> float:
-    """Mean next-token loss over a fixed set of held-out rows."""
+             device: torch.device, autocast=nullcontext(), sentence_attention: bool = True) -> float:
+    """Mean next-token loss over a fixed set of held-out rows (attention masked as in training)."""
+    segment_len = sentences.length if sentence_attention else None
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for inputs, targets in eval_batches(sentences, context_len, max(batch_rows, 1), max_rows):
         with autocast:
-            loss = model(inputs.to(device), targets.to(device)).loss
+            loss = model(inputs.to(device), targets.to(device), segment_len=segment_len).loss
         total += float(loss) * targets.numel()
         count += targets.numel()
     model.train(was_training)
@@ -363,6 +367,8 @@ def _check_config(cfg: TrainConfig, world: int) -> None:
     for name in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1.")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"--precision {cfg.precision!r} is not one of {', '.join(PRECISIONS)}.")
 
 
 def _init_distributed() -> dict:

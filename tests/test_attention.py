@@ -184,6 +184,25 @@ def test_torch_backend_matches_reference():
         )
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_torch_backend_bf16_training_on_cpu_meets_the_bf16_rule(autocast):
+    """The CPU bf16 training path (computed in fp32, see _torch_attention) keeps dtype and is at least as accurate."""
+    q, k, v = [x.cpu().bfloat16() for x in _inputs(2, 2, 33, 64, torch.float32, seed=8)]
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).bfloat16()
+
+    def ours(a, b, c):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return flash_attention(a, b, c, causal=True, backend="torch")
+
+    mine = _fwd_bwd(ours, q, k, v, do)
+    truth = _fwd_bwd(lambda a, b, c: attention_reference(a, b, c, causal=True), q.double(), k.double(), v.double(),
+                     do.double())
+    plain = _fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True), q, k, v, do)
+    for name, m, ref, base in zip(("out", "dq", "dk", "dv"), mine, truth, plain):
+        assert m.dtype == torch.bfloat16 and m.shape == q.shape, name
+        assert _max_err(m, ref) <= 2 * _max_err(base, ref) + ATOL[torch.bfloat16], name
+
+
 def test_auto_falls_back_to_torch_without_interpreter(monkeypatch):
     monkeypatch.delenv("LVM_KERNELS", raising=False)
     monkeypatch.setattr(dispatch, "TRITON_INTERPRET", False)

@@ -37,7 +37,8 @@ def run_curve(name: str, out: Path) -> list[list[float]]:
     threads = torch.get_num_threads()
     try:
         cfg = TrainConfig(data=str(TOKENS / "train"), eval_data=str(TOKENS / "test"), out=str(out), seed=0,
-                          ckpt_every=10_000, log_every=10, threads=1, progress=False, kernels="torch", **RUNS[name])
+                          ckpt_every=10_000, log_every=10, threads=1, progress=False, kernels="torch",
+                          precision="fp32", **RUNS[name])
         train(cfg)
     finally:
         torch.set_num_threads(threads)

@@ -99,6 +99,39 @@ def test_causal_future_tokens_do_not_change_past_logits():
     assert (a[:, 12:] - b[:, 12:]).abs().amax() > 1e-4
 
 
+@pytest.mark.parametrize("t", [30, 27])  # whole sentences, and a row whose last sentence is cut short
+def test_segment_attention_equals_each_sentence_alone(t):
+    """Packed sentences with segment_len attend only to themselves: as if each were its own row at position 0."""
+    model, seg = tiny(), 10
+    ids = rand_ids(2, t)
+    with torch.no_grad():
+        packed = model(ids, segment_len=seg).logits
+        alone = torch.cat([model(ids[:, s : s + seg]).logits for s in range(0, t, seg)], dim=1)
+        whole_row = model(ids).logits
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+    assert (whole_row[:, seg:] - packed[:, seg:]).abs().amax() > 1e-3  # later sentences really are cut off
+    torch.testing.assert_close(whole_row[:, :seg], packed[:, :seg], atol=1e-5, rtol=1e-5)
+
+
+def test_segment_attention_loss_and_grads_match_separate_rows():
+    model, seg = tiny(), 8
+    ids, targets = rand_ids(2, 24), rand_ids(2, 24, seed=5)
+    loss = model(ids, targets, segment_len=seg).loss
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    rows, row_targets = (rearrange_rows(z, seg) for z in (ids, targets))
+    ref = model(rows, row_targets).loss
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="segment_len"):
+        model(ids, segment_len=0)
+
+
+def rearrange_rows(z: torch.Tensor, seg: int) -> torch.Tensor:
+    return z.reshape(z.shape[0] * (z.shape[1] // seg), seg)
+
+
 def test_bad_inputs_are_named():
     model = tiny()
     with pytest.raises(ValueError, match="max_seq_len 128"):

@@ -63,3 +63,25 @@ def test_probe_compares_checkpoints_on_one_task(tiny_pipeline, tmp_path):
     by_name = {r["features"]: r["acc_mean"] for r in rows}
     assert set(by_name) == {"lvm (layer 2)", f"lvm:{tiny_pipeline['lvm']} (layer 2)"}
     assert len(set(by_name.values())) == 1  # the same weights probed twice give the same accuracy
+
+
+def test_bf16_features_track_fp32(tiny_pipeline):
+    """Feature extraction under bf16 autocast (the CPU default on AMX machines) stays close to fp32's."""
+    from lvm.data import SpecialTokens
+    from lvm.generate import load_model_and_tokenizer
+    from lvm.probe import extract_features
+
+    model, tok, _ = load_model_and_tokenizer(tiny_pipeline["lvm"], "")
+    ids = tok.encode(np.load(tiny_pipeline["npz"])["images"][:16])
+    special = SpecialTokens(tok.vocab_size)
+    exact = extract_features(model, ids, special, 2, "mean", precision="fp32")
+    fast = extract_features(model, ids, special, 2, "mean", precision="bf16")
+    assert fast.dtype == torch.float32 and fast.shape == exact.shape
+    rel = (fast - exact).norm() / exact.norm()
+    assert 0 < rel < 0.05, rel  # > 0: bf16 really ran
+
+
+def test_probe_rejects_unknown_precision(tiny_pipeline, tmp_path):
+    cfg = ProbeConfig(checkpoint=tiny_pipeline["lvm"], source=tiny_pipeline["npz"], precision="fp16", out=str(tmp_path))
+    with pytest.raises(ProbeError, match="precision='fp16'"):
+        run_probe(cfg)
