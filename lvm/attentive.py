@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from tqdm.auto import tqdm
 
+from kernels.dispatch import mixed_precision
 from lvm.model import LVM
+from lvm.train import warmup_cosine
 
 
 class AttentivePool(nn.Module):
@@ -106,6 +108,7 @@ class HeadTrainConfig:
     label_smoothing: float = 0.1
     val_fraction: float = 0.1
     evals: int = 10  # validation passes spread over training; the best one's weights are kept
+    precision: str = "auto"  # autocast for forward passes: auto (bf16 on CUDA and AMX CPUs), bf16, fp32
     seed: int = 0
 
 
@@ -141,6 +144,7 @@ def train_classifier(
     opt = torch.optim.AdamW([{"params": ps, "lr": lr, "initial_lr": lr, "weight_decay": cfg.weight_decay if d else 0.0}
                              for (lr, d), ps in groups.items()])
     warmup = max(1, steps // 20)
+    autocast = mixed_precision(next(model.parameters()).device, cfg.precision)
 
     best_acc, best_state = -1.0, None
     model.train()
@@ -154,15 +158,16 @@ def train_classifier(
         if flipped is not None:
             flip = torch.rand(len(idx), generator=gen) < 0.5
             x = torch.where(flip.view(-1, *([1] * (x.ndim - 1))), flipped[idx], x)
-        scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        scale = warmup_cosine(step, steps, warmup)
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * scale
-        loss = F.cross_entropy(model(x), labels[idx], label_smoothing=cfg.label_smoothing)
+        with autocast:
+            loss = F.cross_entropy(model(x).float(), labels[idx], label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step + 1 in eval_at:
-            acc = accuracy(model, inputs[val], labels[val]) if n_val else -loss.item()
+            acc = accuracy(model, inputs[val], labels[val], cfg.precision) if n_val else -loss.item()
             model.train()
             if acc > best_acc:
                 best_acc, best_state = acc, copy.deepcopy(model.state_dict())
@@ -175,15 +180,17 @@ def train_classifier(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+@torch.no_grad()
+def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 512, precision: str = "auto") -> torch.Tensor:
     model.eval()
-    return torch.cat([model(inputs[i : i + batch_size]).argmax(1) for i in range(0, len(inputs), batch_size)])
+    with mixed_precision(next(model.parameters()).device, precision):
+        return torch.cat([model(inputs[i : i + batch_size]).argmax(1) for i in range(0, len(inputs), batch_size)])
 
 
-def accuracy(model: nn.Module, inputs: torch.Tensor, labels) -> float:
+def accuracy(model: nn.Module, inputs: torch.Tensor, labels, precision: str = "auto") -> float:
     if len(inputs) == 0:
         return float("nan")
-    return float((predict(model, inputs) == torch.as_tensor(labels)).float().mean())
+    return float((predict(model, inputs, precision=precision) == torch.as_tensor(labels)).float().mean())
 
 
 def fit_attentive(

@@ -339,13 +339,13 @@ def head_efficiency(
         train_cfg = HeadTrainConfig(epochs=cfg.head_epochs if attentive else cfg.finetune_epochs,
                                     max_steps=cfg.head_max_steps if attentive else cfg.finetune_max_steps,
                                     batch_size=cfg.head_batch_size, lr=cfg.head_lr if attentive else cfg.finetune_lr,
-                                    seed=s)
+                                    precision=cfg.precision, seed=s)
         if attentive:
             clf, val = fit_attentive(x_train[idx], y_train_t[idx], train_cfg)
         else:
             clf, val = fine_tune(lvm, x_train[idx], y_train_t[idx], layer, bos, train_cfg,
                                  flipped_ids=None if flipped is None else flipped[idx])
-        return accuracy(clf, x_test, y_test_t), val
+        return accuracy(clf, x_test, y_test_t, cfg.precision), val
 
     return _curve(name, method, y_train, cfg.fractions, cfg.seeds, cfg.seed, int(x_train.shape[-1]), fit_score,
                   f"{method} probes: {name}")
