@@ -180,7 +180,6 @@ def train_classifier(
 
 
 @torch.no_grad()
-@torch.no_grad()
 def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 512, precision: str = "auto") -> torch.Tensor:
     model.eval()
     with mixed_precision(next(model.parameters()).device, precision):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm.auto import tqdm
 
+from kernels.dispatch import PRECISIONS, mixed_precision
 from lvm.data import SpecialTokens
 from lvm.model import LVM
 from tokenizer.images import ImageSet, load_images
@@ -68,7 +69,7 @@ class ProbeConfig:
     finetune_lr: float = 1e-3  # the head's; the LVM's is 10x lower
     flip: bool = True  # fine-tuning: horizontally flipped images as augmentation
     batch_size: int = 256
-    precision: str = "auto"  # feature extraction: auto (bf16 where the hardware is fast at it), bf16, fp32
+    precision: str = "auto"  # features, heads, fine-tuning: auto (bf16 on CUDA and AMX CPUs), bf16, fp32
     seed: int = 0
     out: str = "runs/probe"
 
@@ -82,8 +83,8 @@ def run_probe(cfg: ProbeConfig) -> dict:
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown or not cfg.methods:
         raise ProbeError(f"methods {cfg.methods} must be a non-empty list drawn from {METHODS}.")
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        raise ProbeError(f"precision={cfg.precision!r} is not one of auto, bf16, fp32.")
+    if cfg.precision not in PRECISIONS:
+        raise ProbeError(f"precision={cfg.precision!r} is not one of {', '.join(PRECISIONS)}.")
     bad = [f for f in cfg.fractions if not 0 < f <= 1]
     if bad:
         raise ProbeError(f"fractions {bad} must lie in (0, 1].")
@@ -187,8 +188,6 @@ def extract_features(
     One forward pass serves every requested layer; an int ``layers`` returns one tensor, a list a
     dict layer -> features. ``precision`` is the forward's autocast (see ``kernels.dispatch.mixed_precision``).
     """
-    from kernels.dispatch import mixed_precision
-
     model.eval()
     device = next(model.parameters()).device
     wanted = [layers] if isinstance(layers, int) else list(layers)
