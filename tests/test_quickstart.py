@@ -22,3 +22,18 @@ def test_quickstart_fast_end_to_end_and_resume(tiny_pipeline, tmp_path):
     assert (out / "probe" / "probe.json").stat().st_mtime_ns == stamp
     assert again["eval_loss"] == pytest.approx(summary["eval_loss"], abs=1e-4)  # metrics.jsonl keeps 5 decimals
     assert json.loads((out / "quickstart_config.json").read_text())["fast"] is True
+
+
+def test_default_pretraining_length_follows_the_hardware(monkeypatch):
+    """1500 steps only where bf16 is fast (AMX CPU or CUDA); fp32 machines get 500 to stay in the time budget."""
+    import kernels.dispatch
+    import torch
+
+    from lvm.quickstart import default_lvm_steps
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(kernels.dispatch, "cpu_has_fast_bf16", lambda: True)
+    assert default_lvm_steps("auto") == 1500 and default_lvm_steps("bf16") == 1500
+    assert default_lvm_steps("fp32") == 500
+    monkeypatch.setattr(kernels.dispatch, "cpu_has_fast_bf16", lambda: False)
+    assert default_lvm_steps("auto") == 500
