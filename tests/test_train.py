@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -35,6 +36,13 @@ def cfg(tmp_path, make_shards):
     return TrainConfig(data=make_shards(tmp_path / "shards"), out=str(tmp_path / "run"), preset="tiny",
                        context_len=44, steps=8, batch_size=4, lr=3e-3, warmup_steps=2, eval_every=4,
                        ckpt_every=4, log_every=1, eval_rows=4, eval_fraction=0.1, progress=False)
+
+
+def _free_port() -> int:
+    """A port nobody listens on now: a fixed one can still be held (TIME_WAIT) by the previous torchrun."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _weights(run_dir):
@@ -177,11 +185,11 @@ def test_incomplete_checkpoint_dir(cfg):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_matches_single_process(cfg, tmp_path, mode):
     """Two gloo processes with the same global batch follow the single-process loss curve; the
-    FSDP run is also stopped after 2 steps and resumed, from the full-state checkpoint it wrote."""
+    FSDP run is also stopped after its first step and resumed, from the full-state checkpoint it wrote."""
     # fp32: bf16 matmuls round differently for 2 rows than for 4, and this test is about exact parity
     single = replace(cfg, steps=4, out=str(tmp_path / "single"), precision="fp32")
     train(single)
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
             "-m", "lvm.cli", "train", "--data", cfg.data, "--out", str(tmp_path / "ddp"), "--preset", "tiny",
             "--context-len", "44", "--steps", "4", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "2",
             "--eval-every", "4", "--ckpt-every", "4", "--log-every", "1", "--eval-rows", "4", "--eval-fraction", "0.1",
@@ -193,6 +201,7 @@ def test_torchrun_matches_single_process(cfg, tmp_path, mode):
                                 "--max-minutes", "0.0001"], capture_output=True, text=True, timeout=240, env=env)
         assert first.returncode == 0, first.stderr[-3000:]
         assert len(_losses(str(tmp_path / "ddp"))) == 1  # stopped after one step by the time limit
+    args[args.index("--nproc_per_node=2") + 1] = f"--master_port={_free_port()}"  # the first run's may linger
     proc = subprocess.run(args, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ours, ref = _losses(str(tmp_path / "ddp")), _losses(single.out)
