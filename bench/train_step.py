@@ -63,8 +63,8 @@ class PlainLVM(nn.Module):
 
     def forward(self, ids, targets):
         hd = self.c.head_dim
-        inv = self.c.rope_theta ** (-torch.arange(0, hd, 2, dtype=torch.float32) / hd)
-        ang = torch.outer(torch.arange(ids.shape[1], dtype=torch.float32), inv)
+        inv = self.c.rope_theta ** (-torch.arange(0, hd, 2, dtype=torch.float32, device=ids.device) / hd)
+        ang = torch.outer(torch.arange(ids.shape[1], dtype=torch.float32, device=ids.device), inv)
         x = self.emb(ids)
         for blk in self.blocks:
             x = blk(x, ang.cos(), ang.sin())
@@ -74,6 +74,7 @@ class PlainLVM(nn.Module):
 
 def _time_steps(model, opt, batches, autocast=None, segment_len=None) -> float:
     """Tokens/s over the given batches (one optimizer step each)."""
+    _sync(batches[0][0].device)
     start, tokens = time.perf_counter(), 0
     for x, y in batches:
         with autocast if autocast is not None else nullcontext():
@@ -83,7 +84,13 @@ def _time_steps(model, opt, batches, autocast=None, segment_len=None) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
         tokens += x.numel()
+    _sync(batches[0][0].device)
     return tokens / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -96,15 +103,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rung")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
     cfg = LVMConfig.preset(args.preset, vocab_size=args.vocab, max_seq_len=args.context)
-    device = torch.device("cpu")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     bf16 = mixed_precision(device, "bf16")
-    base = LVM(cfg)
-    plain = PlainLVM(cfg)
+    base = LVM(cfg).to(device)
+    plain = PlainLVM(cfg).to(device)
     _copy_weights(base, plain)
     # Each rung adds one lever to the one above it; every rung owns a copy of the same weights.
     rungs = [("plain eager PyTorch (SDPA over the row, full-logits CE), fp32", plain, None, None)]
@@ -116,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
                       args.sentence))
     g = torch.Generator().manual_seed(0)
     batches = [
-        (lambda s: (s[:, :-1], s[:, 1:]))(torch.randint(0, args.vocab, (args.batch, args.context), generator=g))
+        (lambda s: (s[:, :-1], s[:, 1:]))(torch.randint(0, args.vocab, (args.batch, args.context), generator=g).to(device))
         for _ in range(args.steps)
     ]
     with torch.no_grad():  # same weights, same batch: the fp32 rungs must compute the same loss
@@ -131,7 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
             tps[i].append(_time_steps(m, opt, batches, ac, seg))
     medians = [statistics.median(t) for t in tps]
     result = {
-        "device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
         "cpu_amx_bf16": cpu_has_fast_bf16(), "torch": torch.__version__, "preset": args.preset,
         "batch": args.batch, "context": args.context, "sentence": args.sentence, "vocab": args.vocab,
         "rungs": [{"loop": name, "tokens_per_s": med, "ratio_vs_plain": med / medians[0], "rounds": t}
@@ -140,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"train_step-{'cuda' if torch.cuda.is_available() else 'cpu'}"
+    name = f"train_step-{device.type}"
     (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     lines = [
         f"# Training step: our levers one by one vs plain eager PyTorch ({result['device']}, {result['threads']} threads)",
