@@ -199,8 +199,7 @@ def extract_features(
             states = model.hidden_states(seq[start : start + batch_size].to(device), layers=wanted)
         for layer, state in zip(wanted, states):
             # Image token i sits at position i + 1; the state there has read tokens 0..i + 1.
-            tokens = state[:, 1:]  # [b, h*w, D]
-            tokens = tokens.float().cpu()
+            tokens = state[:, 1:].cpu()  # [b, h*w, D]; pool_tokens works in fp32, "tokens" are kept in fp16
             outs[layer].append(tokens.half() if pool == "tokens" else pool_tokens(tokens, pool, (h, w), grid))
     feats = {layer: torch.cat(chunks) for layer, chunks in outs.items()}
     return feats[layers] if isinstance(layers, int) else feats
