@@ -101,12 +101,15 @@ def test_very_negative_scores_stay_finite(causal):
     do = torch.randn(B, H, N, D, generator=g).to(DEVICE)
     fn = lambda a, b, c: flash_attention(a, b, c, causal=causal, scale=0.5, backend="triton")  # noqa: E731
     ours = _fwd_bwd(fn, q, k, v, do)
-    truth = _fwd_bwd(lambda a, b, c: attention_reference(a, b, c, causal=causal, scale=0.5),
-                     q.double(), k.double(), v.double(), do.double())
-    for name, mine, ref in zip(("out", "dq", "dk", "dv"), ours, truth):
+    ref_fn = lambda a, b, c: attention_reference(a, b, c, causal=causal, scale=0.5)  # noqa: E731
+    truth = _fwd_bwd(ref_fn, q.double(), k.double(), v.double(), do.double())
+    torch_same = _fwd_bwd(ref_fn, q, k, v, do)
+    for name, mine, ref, base in zip(("out", "dq", "dk", "dv"), ours, truth, torch_same):
         assert torch.isfinite(mine).all(), f"{name} has non-finite values"
-        # rounding of |score| ~ 150 costs ~1e-5 here (fused on GPU, not under the interpreter)
-        torch.testing.assert_close(mine.double(), ref, atol=1e-4, rtol=1e-4, msg=name)
+        # |score| ~ 150 costs ~1e-4 of rounding in dk in any fp32 implementation (plain torch too, and the
+        # amount depends on the CPU's BLAS), so the bound is the project's rule, not a fixed tolerance.
+        err, base_err = _max_err(mine, ref), _max_err(base, ref)
+        assert err <= 2 * base_err + ATOL[torch.float32], f"{name}: err {err:.3e} vs torch {base_err:.3e}"
 
 
 @pytest.mark.parametrize("causal", [True, False])
