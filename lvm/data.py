@@ -9,13 +9,16 @@ codebook (``SpecialTokens``). Kinds:
 - ``chain``   image followed by every view in order (an augmentation chain);
 - ``frames``  ``frames`` consecutive images of one shard whose order means something (video, scans).
 
-Every sentence of a dataset has the same length, so ``context_len // length`` whole sentences are
+The layout is built here and only here: ``visual_sentence`` for training sentences and the
+prompts generation continues, ``image_rows`` for the ``[BOS] image`` rows probes and fine-tuning
+read. Every sentence of a dataset has the same length, so ``context_len // length`` whole sentences are
 packed per training row and no padding is needed. Batches are a pure function of ``(seed, step)``:
 resuming at step ``s`` needs no replay, and each rank of a distributed run takes its own rows.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +27,7 @@ import torch
 from tokenizer.shards import TokenShards, read_token_shards
 
 KINDS = ("single", "pairs", "chain", "frames")
+ENDS = ("eos", "sep", "open")
 
 
 class DataError(ValueError):
@@ -61,6 +65,48 @@ class SpecialTokens:
 def sentence_length(tokens_per_image: int, images: int) -> int:
     """BOS + images (each followed by SEP, the last by EOS)."""
     return 1 + images * (tokens_per_image + 1)
+
+
+def visual_sentence(
+    images: Sequence[np.ndarray | torch.Tensor], special: SpecialTokens, end: str = "eos",
+    last_tokens: int | None = None,
+) -> np.ndarray:
+    """``[BOS] img1 [SEP] img2 ... imgk <end>`` as ``int64 [L]``: the one layout training and prompts share.
+
+    ``end``: ``eos`` closes a finished sentence (training); ``sep`` leaves a prompt whose next image
+    the model writes; ``open`` puts nothing after the last image, of which only the first
+    ``last_tokens`` ids are kept (an image for the model to complete). Images are ``[T]`` or ``[h, w]``.
+    """
+    if end not in ENDS:
+        raise ValueError(f"end={end!r} is not one of {ENDS}.")
+    if last_tokens is not None and end != "open":
+        raise ValueError(f"last_tokens={last_tokens} cuts the last image, which needs end='open' (got {end!r}).")
+    if not len(images):
+        raise ValueError("a visual sentence needs at least one image.")
+    flat = [(img.cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)).reshape(-1)
+            for img in images]  # each [T]
+    if last_tokens is not None:
+        if not 0 <= last_tokens <= len(flat[-1]):
+            raise ValueError(f"last_tokens={last_tokens} must be in [0, {len(flat[-1])}] (the image's token count).")
+        flat[-1] = flat[-1][:last_tokens]
+    after = {"eos": [special.eos], "sep": [special.sep], "open": []}[end]
+    out = np.empty(1 + sum(len(f) + 1 for f in flat[:-1]) + len(flat[-1]) + len(after), dtype=np.int64)
+    out[0] = special.bos
+    pos = 1
+    for img in flat[:-1]:
+        out[pos : pos + len(img)] = img
+        out[pos + len(img)] = special.sep
+        pos += len(img) + 1
+    out[pos : pos + len(flat[-1])] = flat[-1]
+    out[pos + len(flat[-1]) :] = after
+    return out
+
+
+def image_rows(ids: torch.Tensor, special: SpecialTokens) -> torch.Tensor:
+    """``[BOS] image`` rows ``long [N, 1 + T]`` from ids ``[N, T]`` or ``[N, h, w]``: what probes and
+    fine-tuning read. Position ``i + 1`` holds image token ``i``, so ``states[:, 1:]`` are the image's."""
+    flat = ids.reshape(len(ids), -1).long()  # [N, T]
+    return torch.cat([torch.full_like(flat[:, :1], special.bos), flat], dim=1)
 
 
 class VisualSentences:
@@ -125,7 +171,6 @@ class VisualSentences:
     def sentence(self, position: int, epoch: int = 0) -> np.ndarray:
         """Token ids ``int64 [length]`` of the sentence at ``position`` of this dataset."""
         i = int(self.indices[position])
-        sp = self.special
         if self.kind == "single":
             images = [self.main.tokens[i]]
         elif self.kind == "frames":
@@ -135,15 +180,7 @@ class VisualSentences:
         else:  # pairs: which view is a deterministic function of (seed, epoch, index)
             pick = np.random.default_rng([self.seed, epoch, i]).integers(len(self.views))
             images = [self.main.tokens[i], self.views[pick].tokens[i]]
-        out = np.empty(self.length, dtype=np.int64)
-        out[0] = sp.bos
-        pos = 1
-        for j, img in enumerate(images):
-            out[pos : pos + self.tokens_per_image] = np.asarray(img).reshape(-1)
-            pos += self.tokens_per_image
-            out[pos] = sp.eos if j == len(images) - 1 else sp.sep
-            pos += 1
-        return out
+        return visual_sentence(images, self.special, end="eos")
 
     def _subset(self, indices: np.ndarray) -> "VisualSentences":
         clone = object.__new__(VisualSentences)

@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from lvm.data import DataError, PackedBatches, SpecialTokens, VisualSentences, eval_batches
+from lvm.data import (
+    DataError, PackedBatches, SpecialTokens, VisualSentences, eval_batches, image_rows, sentence_length, visual_sentence,
+)
 
 CODEBOOK = 50
 
@@ -103,3 +105,43 @@ def test_split_and_eval_batches(tmp_path, main_ids, _shards):
     a = [x for x, _ in eval_batches(held, 16, 1)]  # 4 sentences, 2 per row -> 2 rows
     b = [x for x, _ in eval_batches(held, 16, 1)]
     assert len(a) == 2 and all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+def test_visual_sentence_layout_from_the_spec():
+    """[BOS] img1 [SEP] img2 ... then EOS (finished), SEP (a prompt) or nothing after a cut last image."""
+    sp = SpecialTokens(10)  # BOS 10, SEP 11, EOS 12
+    a, b = np.array([[1, 2], [3, 4]]), np.array([5, 6, 7, 8])
+    assert visual_sentence([a, b], sp).tolist() == [10, 1, 2, 3, 4, 11, 5, 6, 7, 8, 12]
+    assert visual_sentence([a, b], sp, end="sep").tolist() == [10, 1, 2, 3, 4, 11, 5, 6, 7, 8, 11]
+    assert visual_sentence([a, b], sp, end="open", last_tokens=2).tolist() == [10, 1, 2, 3, 4, 11, 5, 6]
+    assert visual_sentence([a, b], sp, end="open").tolist() == [10, 1, 2, 3, 4, 11, 5, 6, 7, 8]
+    assert visual_sentence([torch.tensor([9, 0])], sp).tolist() == [10, 9, 0, 12]
+    assert len(visual_sentence([a, b, a], sp)) == sentence_length(4, 3)
+    with pytest.raises(ValueError, match="end='open'"):
+        visual_sentence([a], sp, end="eos", last_tokens=1)
+    with pytest.raises(ValueError, match="end="):
+        visual_sentence([a], sp, end="pad")
+
+
+def test_image_rows_from_the_spec():
+    """BOS then one image's ids, row-major: position i + 1 holds image token i."""
+    sp = SpecialTokens(10)
+    ids = torch.tensor([[[1, 2], [3, 4]], [[5, 6], [7, 8]]])  # [N=2, h=2, w=2]
+    expected = torch.tensor([[10, 1, 2, 3, 4], [10, 5, 6, 7, 8]])
+    assert torch.equal(image_rows(ids, sp), expected)
+    assert torch.equal(image_rows(ids.reshape(2, 4).int(), sp), expected)
+    assert image_rows(ids, sp).dtype == torch.long
+
+
+def test_dataset_sentences_are_the_shared_layout(tmp_path, main_ids, _shards):
+    """Every kind writes exactly visual_sentence(its images, EOS): training and prompts share one layout."""
+    m = _shards(tmp_path / "m", main_ids)
+    flip = _shards(tmp_path / "flip", main_ids[:, :, ::-1])
+    sp = SpecialTokens(CODEBOOK)
+    single = VisualSentences(m)
+    assert np.array_equal(single.sentence(3), visual_sentence([main_ids[3]], sp))
+    frames = VisualSentences(m, kind="frames", frames=3)
+    assert np.array_equal(frames.sentence(2), visual_sentence(list(main_ids[2:5]), sp))
+    chain = VisualSentences(m, views=[flip], kind="chain")
+    assert np.array_equal(chain.sentence(1), visual_sentence([main_ids[1], main_ids[1, :, ::-1]], sp))
+    assert np.array_equal(single.sentence(3)[: 1 + 6], image_rows(torch.from_numpy(main_ids[3:4]), sp)[0].numpy())
