@@ -8,21 +8,17 @@ uses the model's KV cache and never emits special tokens inside an image.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lvm.data import SpecialTokens
+from lvm.checkpoint import CheckpointMismatch, load_model_and_tokenizer  # noqa: F401  (re-exported)
+from lvm.data import SpecialTokens, visual_sentence
 from lvm.model import LVM
 from lvm.report import save_image_grid
 from tokenizer.images import load_images, transform_images
-
-
-class CheckpointMismatch(ValueError):
-    """The tokenizer does not match the checkpoint; the message names both and the fix."""
 
 
 @dataclass
@@ -105,17 +101,11 @@ def continue_images(
     if not 0 <= complete_rows < h:
         raise ValueError(f"complete_rows={complete_rows} must be in [0, {h - 1}] for a {h}x{w} token grid.")
 
-    seqs = []
-    for p in range(P):
-        seq = [special.bos]
-        for j, img in enumerate(ids[p]):
-            last = j == len(ids[p]) - 1
-            if complete_rows and last:
-                seq += img[: complete_rows * w].tolist()  # the given top rows of the image to complete
-            else:
-                seq += img.tolist() + [special.sep]
-        seqs.append(seq)
-    prompt = torch.tensor(seqs, dtype=torch.long)  # all prompts have equal length
+    # [BOS] img1 [SEP] ... img_k [SEP] and the model writes the next image; or, completing, the
+    # last image's top rows with nothing after them and the model writes the rest.
+    end, keep = ("open", complete_rows * w) if complete_rows else ("sep", None)
+    seqs = [visual_sentence(list(ids[p]), special, end=end, last_tokens=keep) for p in range(P)]
+    prompt = torch.from_numpy(np.stack(seqs))  # [P, T0]: all prompts have equal length
     prompt = prompt.repeat_interleave(samples, dim=0).to(next(model.parameters()).device)  # [P*S, T0]
     new = per_image - complete_rows * w
     gen = torch.Generator(device=prompt.device).manual_seed(seed)
@@ -128,37 +118,6 @@ def continue_images(
         cut = complete_rows * tok.config.image_size // h
         shown_t[:, -1, :, cut:] = 0.5
     return {"tokens": tokens, "images": images, "prompt_images": shown_t}
-
-
-def load_model_and_tokenizer(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike = ""):
-    """Load an LVM checkpoint and its tokenizer, refusing a tokenizer it was not trained with."""
-    from tokenizer.model import Tokenizer
-
-    ckpt = Path(checkpoint)
-    if (ckpt / "latest").exists():
-        ckpt = ckpt / "latest"
-    model = LVM.from_pretrained(ckpt)
-    data_file = ckpt / "data.json"
-    data_info = json.loads(data_file.read_text()) if data_file.exists() else {}
-    tok_dir = tokenizer or data_info.get("tokenizer_path")
-    if not tok_dir:
-        raise FileNotFoundError(
-            f"{ckpt}: no tokenizer recorded with this checkpoint; pass the tokenizer folder (--tokenizer DIR)."
-        )
-    tok = Tokenizer.from_pretrained(tok_dir)
-    expected = data_info.get("tokenizer_fingerprint")
-    if expected and tok.fingerprint != expected:
-        raise CheckpointMismatch(
-            f"tokenizer {tok_dir} (fingerprint {tok.fingerprint}) is not the one checkpoint {ckpt} was trained on "
-            f"({expected}); pass the matching --tokenizer."
-        )
-    if SpecialTokens(tok.vocab_size).vocab_size != model.config.vocab_size:
-        raise CheckpointMismatch(
-            f"tokenizer {tok_dir} has {tok.vocab_size} codes (+4 specials) but checkpoint {ckpt} has vocab "
-            f"{model.config.vocab_size}; pass the tokenizer the checkpoint was trained with."
-        )
-    model.eval()
-    return model, tok, ckpt
 
 
 def _chw(tok) -> tuple[int, int, int]:

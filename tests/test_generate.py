@@ -53,3 +53,32 @@ def test_tokenizer_checkpoint_mismatch(tiny_pipeline, tmp_path):
     Tokenizer(TokenizerConfig(image_size=16, widths=(16, 16), fsq_levels=(4, 5))).save_pretrained(tmp_path / "t3")
     with pytest.raises(CheckpointMismatch):
         load_model_and_tokenizer(tiny_pipeline["lvm"], tmp_path / "t3")
+
+
+def _captured_prompt(model, monkeypatch):
+    """Record the prompt continue_images hands to model.generate."""
+    seen = []
+    real = model.generate
+
+    def spy(prompt, *args, **kwargs):
+        seen.append(prompt.clone())
+        return real(prompt, *args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    return seen
+
+
+def test_prompts_follow_the_sentence_layout(tiny_pipeline, monkeypatch):
+    """Continue: [BOS] A1 [SEP] A2 [SEP]; complete: [BOS] A1 [SEP] top rows of A2 (nothing after)."""
+    from lvm.data import SpecialTokens, visual_sentence
+
+    model, tok, _ = load_model_and_tokenizer(tiny_pipeline["lvm"])
+    sp = SpecialTokens(tok.vocab_size)
+    images = np.load(tiny_pipeline["npz"])["images"][:2].reshape(1, 2, 16, 16, 1)
+    a1, a2 = (tok.encode(images[0, j : j + 1])[0].reshape(-1).tolist() for j in range(2))  # 16 ids each
+    seen = _captured_prompt(model, monkeypatch)
+    continue_images(model, tok, images, samples=2)
+    continue_images(model, tok, images, samples=1, complete_rows=1)
+    assert seen[0].tolist() == [[sp.bos, *a1, sp.sep, *a2, sp.sep]] * 2
+    assert seen[1].tolist() == [[sp.bos, *a1, sp.sep, *a2[:4]]]  # the 4x4 grid's top row
+    assert seen[1][0].tolist() == visual_sentence([a1, a2], sp, end="open", last_tokens=4).tolist()
