@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from kernels.dispatch import HAS_TRITON, resolve_backend
 
@@ -30,40 +31,81 @@ def flash_attention(
     causal: bool = True,
     scale: float | None = None,
     backend: str = "auto",
+    segment_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Softmax attention without materialising the [N, N] matrix on the Triton path."""
+    """Softmax attention without materialising the [N, N] matrix on the Triton path.
+
+    ``segment_ids`` [B, N] (integers, non-decreasing along N) packs several sentences into one
+    row: a token attends only to tokens of its own sentence, so packed rows need no padding.
+    """
     path = resolve_backend(backend, q.device, "flash_attention")
+    if segment_ids is not None:
+        _check_segment_ids(segment_ids, q)
     if path == "triton":
         _check_inputs(q, k, v)
         scale = _check_scale(q, scale)
-        return _FlashAttention.apply(q, k, v, bool(causal), scale)
-    return _torch_attention(q, k, v, causal, scale)
+        seg_start, seg_end = segment_bounds(segment_ids) if segment_ids is not None else (None, None)
+        # contiguous here, not inside the op, so the forward and the saved tensors share one copy
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        o, _ = torch.ops.lvm.flash_attn_fwd(q, k, v, seg_start, seg_end, bool(causal), scale)
+        return o
+    return _torch_attention(q, k, v, causal, scale, segment_ids)
 
 
-def _torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None) -> torch.Tensor:
-    """SDPA, except bf16 training on CPU, which runs in fp32.
+def segment_bounds(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, the first index of its sentence and one past the last: ``[B, N]`` int32 each.
+
+    The kernels use the start index as the sentence's id (equal starts = same sentence) and the
+    two bounds of a tile's first and last rows as the only tiles worth visiting. Built with
+    searchsorted on the sorted rows, so there is no host sync and torch.compile can trace it.
+    """
+    s = segment_ids.contiguous()
+    start = torch.searchsorted(s, s, right=False)  # [B, N]
+    end = torch.searchsorted(s, s, right=True)  # [B, N]
+    return start.to(torch.int32), end.to(torch.int32)
+
+
+def _torch_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None,
+    segment_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SDPA (with a boolean sentence mask for ``segment_ids``), except bf16 training on CPU, which runs in fp32.
 
     PyTorch's CPU flash-attention backward is ~3x slower in bf16 than in fp32 (torch 2.13, 51-token
     rows: 66 vs 22 ms fwd+bwd for 8k tokens x 4 heads), while its bf16 forward is the faster one;
     so only the differentiable CPU case is upcast, and the result comes back in the input dtype.
     """
+    mask = None if segment_ids is None else segment_mask(segment_ids, causal, q.shape[-2], k.shape[-2])
+    is_causal = causal and mask is None
     if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad
     ):
         with torch.autocast("cpu", enabled=False):
-            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal, scale=scale)
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=is_causal,
+                                               scale=scale)
         return y.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+
+
+def segment_mask(segment_ids: torch.Tensor, causal: bool, n_q: int, n_k: int) -> torch.Tensor:
+    """Boolean ``[B, 1, N, N]`` "may attend" mask: same sentence (and, if causal, not a later key)."""
+    same = rearrange(segment_ids, "b q -> b 1 q 1") == rearrange(segment_ids, "b k -> b 1 1 k")
+    if causal:
+        same = same & torch.ones(n_q, n_k, dtype=torch.bool, device=segment_ids.device).tril(n_k - n_q)
+    return same
 
 
 def attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None,
+    segment_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain materialised attention, computed in the inputs' dtype: the twin tests compare against."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = torch.einsum("bhqd,bhkd->bhqk", q, k) * scale  # [B, H, N, N]
-    if causal:
-        n_q, n_k = scores.shape[-2:]
+    n_q, n_k = scores.shape[-2:]
+    if segment_ids is not None:
+        scores = scores.masked_fill(~segment_mask(segment_ids, causal, n_q, n_k), float("-inf"))
+    elif causal:
         mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
         scores = scores.masked_fill(~mask, float("-inf"))
     return torch.einsum("bhqk,bhkd->bhqd", scores.softmax(dim=-1), v)
@@ -79,12 +121,17 @@ def attention_flops(B: int, H: int, N: int, D: int, causal: bool, mode: str = "f
 
 
 def attention_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None,
+    segment_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton forward that also returns the natural-log LSE ``[B, H, N]`` (fp32); no autograd."""
     _check_inputs(q, k, v)
     scale = _check_scale(q, scale)
-    return _forward(q.contiguous(), k.contiguous(), v.contiguous(), causal, scale)
+    bounds = (None, None)
+    if segment_ids is not None:
+        _check_segment_ids(segment_ids, q)
+        bounds = segment_bounds(segment_ids)
+    return _forward(q.contiguous(), k.contiguous(), v.contiguous(), *bounds, causal, scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,6 +174,26 @@ def _check_scale(q: torch.Tensor, scale: float | None) -> float:
     if not scale > 0:
         raise ValueError(f"flash_attention (triton): scale={scale} must be > 0; use backend='torch' otherwise.")
     return scale
+
+
+def _check_segment_ids(segment_ids: torch.Tensor, q: torch.Tensor) -> None:
+    """segment_ids must be integer [B, N] on q's device and non-decreasing (each sentence contiguous)."""
+    B, N = q.shape[0], q.shape[-2]
+    if not isinstance(segment_ids, torch.Tensor) or segment_ids.shape != (B, N):
+        shape = tuple(segment_ids.shape) if isinstance(segment_ids, torch.Tensor) else type(segment_ids).__name__
+        raise ValueError(f"flash_attention: segment_ids must be a [B, N] = [{B}, {N}] tensor (one sentence id per "
+                         f"token), got {shape}.")
+    if segment_ids.dtype.is_floating_point or segment_ids.dtype.is_complex or segment_ids.dtype == torch.bool:
+        raise ValueError(f"flash_attention: segment_ids must hold integers, got dtype {segment_ids.dtype}; use .long().")
+    if segment_ids.device != q.device:
+        raise ValueError(f"flash_attention: segment_ids is on {segment_ids.device} but q is on {q.device}; move it.")
+    if torch.compiler.is_compiling() or segment_ids.device.type != "cpu":
+        return  # the value check below is data-dependent: a host sync on GPU, a graph break under compile
+    if N > 1 and bool((segment_ids[:, 1:] < segment_ids[:, :-1]).any()):
+        raise ValueError(
+            "flash_attention: segment_ids must be non-decreasing along N (each sentence one contiguous run of "
+            "tokens); number the sentences of a row 0, 0, 1, 1, 1, 2, ... in order."
+        )
 
 
 @dataclass(frozen=True)
@@ -176,25 +243,59 @@ def _dot_precision(dtype: torch.dtype) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-class _FlashAttention(torch.autograd.Function):
-    """Saves q, k, v, o and the fp32 LSE; the backward recomputes P tile by tile."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, causal: bool, scale: float):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        o, lse = _forward(q, k, v, causal, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.scale = causal, scale
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(do.contiguous(), q, k, v, o, lse, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None
+# Custom operators (torch.library): torch.compile sees one opaque node per kernel call instead of
+# tracing into Python launch code, so a compiled model runs through our kernels without graph
+# breaks. The fake (meta) functions give output shapes; register_autograd wires the backward op.
 
 
-def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
+@torch.library.custom_op("lvm::flash_attn_fwd", mutates_args=())
+def _flash_attn_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_start: torch.Tensor | None, seg_end: torch.Tensor | None,
+    causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o [B, H, N, D], lse [B, H, N] fp32) from the Triton forward; q, k, v arrive contiguous."""
+    return _forward(q.contiguous(), k.contiguous(), v.contiguous(), seg_start, seg_end, causal, scale)
+
+
+@_flash_attn_fwd.register_fake
+def _(q, k, v, seg_start, seg_end, causal, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("lvm::flash_attn_bwd", mutates_args=())
+def _flash_attn_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    seg_start: torch.Tensor | None, seg_end: torch.Tensor | None, causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) from the Triton backward; P is recomputed tile by tile from the saved LSE."""
+    return _backward(do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), o, lse, seg_start, seg_end,
+                     causal, scale)
+
+
+@_flash_attn_bwd.register_fake
+def _(do, q, k, v, o, lse, seg_start, seg_end, causal, scale):
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+
+
+def _flash_attn_setup(ctx, inputs, output) -> None:
+    q, k, v, seg_start, seg_end, causal, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, seg_start, seg_end)
+    ctx.causal, ctx.scale = causal, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _flash_attn_backward(ctx, do, dlse):
+    q, k, v, o, lse, seg_start, seg_end = ctx.saved_tensors
+    dq, dk, dv = torch.ops.lvm.flash_attn_bwd(do, q, k, v, o, lse, seg_start, seg_end, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+_flash_attn_fwd.register_autograd(_flash_attn_backward, setup_context=_flash_attn_setup)
+
+
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_start: torch.Tensor | None,
+             seg_end: torch.Tensor | None, causal: bool, scale: float):
     """Launch the forward kernel on contiguous ``[B, H, N, D]`` inputs; returns (o, lse[B, H, N])."""
     _require_triton()
     B, H, N, D = q.shape
@@ -204,15 +305,16 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sc
         return o, lse
     t = _fwd_tiles(D, q.dtype, q.device.type == "cuda")
     grid = (triton.cdiv(N, t.block_m), B * H)
+    has_seg = seg_start is not None
     _attn_fwd_kernel[grid](
-        q, k, v, o, lse, N, scale * LOG2E,
-        CAUSAL=causal, EVEN_N=N % t.block_m == 0, HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-        PRECISION=_dot_precision(q.dtype), num_warps=t.num_warps, num_stages=t.num_stages,
+        q, k, v, o, lse, seg_start if has_seg else lse, seg_end if has_seg else lse, H, N, scale * LOG2E,
+        CAUSAL=causal, HAS_SEG=has_seg, EVEN_N=N % t.block_m == 0, HEAD_DIM=D, BLOCK_M=t.block_m,
+        BLOCK_N=t.block_n, PRECISION=_dot_precision(q.dtype), num_warps=t.num_warps, num_stages=t.num_stages,
     )
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, causal: bool, scale: float):
+def _backward(do, q, k, v, o, lse, seg_start, seg_end, causal: bool, scale: float):
     """Launch delta preprocess, dK/dV and dQ kernels; no atomics, each output written once."""
     B, H, N, D = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -226,15 +328,17 @@ def _backward(do, q, k, v, o, lse, causal: bool, scale: float):
         o, do, delta, N, HEAD_DIM=D, BLOCK_M=pre_block,
     )
     t = _dkdv_tiles(D, q.dtype, on_gpu)
+    has_seg = seg_start is not None
+    seg = (seg_start, seg_end) if has_seg else (lse, lse)  # dummy pointers when unused
     _attn_bwd_dkdv_kernel[(triton.cdiv(N, t.block_n), B * H)](
-        q, k, v, do, lse, delta, dk, dv, N, scale, scale * LOG2E,
-        CAUSAL=causal, EVEN_N=N % t.block_n == 0, HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+        q, k, v, do, lse, delta, dk, dv, *seg, H, N, scale, scale * LOG2E,
+        CAUSAL=causal, HAS_SEG=has_seg, EVEN_N=N % t.block_n == 0, HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
         PRECISION=precision, num_warps=t.num_warps, num_stages=t.num_stages,
     )
     t = _dq_tiles(D, q.dtype, on_gpu)
     _attn_bwd_dq_kernel[(triton.cdiv(N, t.block_m), B * H)](
-        q, k, v, do, lse, delta, dq, N, scale, scale * LOG2E,
-        CAUSAL=causal, EVEN_N=N % t.block_m == 0, HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+        q, k, v, do, lse, delta, dq, *seg, H, N, scale, scale * LOG2E,
+        CAUSAL=causal, HAS_SEG=has_seg, EVEN_N=N % t.block_m == 0, HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
         PRECISION=precision, num_warps=t.num_warps, num_stages=t.num_stages,
     )
     return dq, dk, dv
@@ -251,6 +355,13 @@ def _require_triton() -> None:
 # kernel's two tile sizes is a multiple of the smaller, which makes the causal split exact:
 # tiles strictly below the diagonal need no mask, tiles on it get the causal (and ragged) mask,
 # tiles above it are never visited. EVEN_N=True (N a multiple of every tile) drops bounds masks.
+#
+# Sentences (HAS_SEG): SEG_START/SEG_END [B, N] int32 hold, per token, the first index of its
+# sentence (which doubles as the sentence's id) and one past its last. A query tile visits only
+# the key tiles from the first key of its first query's sentence to the last key of its last
+# query's sentence (clipped at the diagonal when causal); the backward's key tiles do the same
+# over query tiles. A visited tile is masked only if it is not wholly inside the query tile's
+# one sentence (or straddles the diagonal or the end of the row); that test is a few scalar loads.
 # --------------------------------------------------------------------------------------------
 
 if HAS_TRITON:
@@ -297,9 +408,44 @@ if HAS_TRITON:
         return acc, l_i, m_i
 
     @triton.jit
-    def _attn_fwd_kernel(
-        Q, K, V, O, LSE, N, qk_scale,
+    def _fwd_seg_inner(
+        acc, l_i, m_i, q, seg_q, k_base, v_base, seg_base, offs_m, start_m, q_first, q_last, N, lo, hi, qk_scale,
         CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """_fwd_inner for packed sentences: the mask goes only on tiles that cross a sentence/diagonal/row end."""
+        offs_d = tl.arange(0, HEAD_DIM)
+        for start_n in range(lo, hi, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            kv_off = offs_n[:, None] * HEAD_DIM + offs_d[None, :]  # [BLOCK_N, D]
+            k = _load_rows(k_base + kv_off, offs_n, N, EVEN_N)
+            v = _load_rows(v_base + kv_off, offs_n, N, EVEN_N)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N], unscaled
+            k_first = tl.load(seg_base + start_n)
+            k_last = tl.load(seg_base + tl.minimum(start_n + BLOCK_N, N) - 1)
+            needs_mask = (q_first != q_last) | (k_first != q_first) | (k_last != q_first) | (start_n + BLOCK_N > N)
+            if CAUSAL:
+                needs_mask = needs_mask | (start_n + BLOCK_N > start_m + 1)
+            if needs_mask:  # padded keys (id -1) and padded queries (id -2) match nothing
+                seg_k = tl.load(seg_base + offs_n, mask=offs_n < N, other=-1)
+                keep = seg_q[:, None] == seg_k[None, :]
+                if CAUSAL:
+                    keep = keep & (offs_m[:, None] >= offs_n[None, :])
+                qk = tl.where(keep, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row whose first tiles are all other sentences
+            p = tl.math.exp2(qk * qk_scale - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _attn_fwd_kernel(
+        Q, K, V, O, LSE, SEG_START, SEG_END, H, N, qk_scale,
+        CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, EVEN_N: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     ):
         start_m = tl.program_id(0) * BLOCK_M
@@ -313,7 +459,19 @@ if HAS_TRITON:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        if CAUSAL:
+        if HAS_SEG:
+            seg_base = SEG_START + (bh // H) * N
+            last_m = tl.minimum(start_m + BLOCK_M, N) - 1
+            q_first = tl.load(seg_base + start_m)  # = first key of the first query's sentence
+            q_last = tl.load(seg_base + last_m)
+            seg_q = tl.load(seg_base + offs_m, mask=offs_m < N, other=-2)
+            hi = tl.load(SEG_END + (bh // H) * N + last_m)
+            if CAUSAL:
+                hi = tl.minimum(hi, last_m + 1)
+            acc, l_i, m_i = _fwd_seg_inner(acc, l_i, m_i, q, seg_q, K + head, V + head, seg_base, offs_m, start_m,
+                                           q_first, q_last, N, (q_first // BLOCK_N) * BLOCK_N, hi, qk_scale,
+                                           CAUSAL, EVEN_N, HEAD_DIM, BLOCK_N, PRECISION)
+        elif CAUSAL:
             # below the diagonal: whole tiles, never ragged because start_m < N
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K + head, V + head, offs_m, N, 0, start_m, qk_scale,
                                        False, True, HEAD_DIM, BLOCK_N, PRECISION)
@@ -382,9 +540,51 @@ if HAS_TRITON:
         return dk, dv
 
     @triton.jit
-    def _attn_bwd_dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, DK, DV, N, scale, qk_scale,
+    def _dkdv_seg_inner(
+        dk, dv, k, v, seg_k, q_base, do_base, lse_base, delta_base, seg_base, offs_n, start_n, k_first, k_last,
+        N, lo, hi, qk_scale,
         CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """_dkdv_inner for packed sentences: query tiles [lo, hi) of the key tile's sentences, masked where mixed."""
+        offs_d = tl.arange(0, HEAD_DIM)
+        for start_m in range(lo, hi, BLOCK_M):
+            start_m = tl.multiple_of(start_m, BLOCK_M)
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q_off = offs_m[:, None] * HEAD_DIM + offs_d[None, :]  # [BLOCK_M, D]
+            if EVEN_N:
+                q = tl.load(q_base + q_off)
+                do = tl.load(do_base + q_off)
+                lse = tl.load(lse_base + offs_m)
+                delta = tl.load(delta_base + offs_m)
+            else:
+                q = tl.load(q_base + q_off, mask=offs_m[:, None] < N, other=0.0)
+                do = tl.load(do_base + q_off, mask=offs_m[:, None] < N, other=0.0)
+                lse = tl.load(lse_base + offs_m, mask=offs_m < N, other=0.0)
+                delta = tl.load(delta_base + offs_m, mask=offs_m < N, other=0.0)
+            logit = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse[None, :] * 1.4426950408889634
+            q_first = tl.load(seg_base + start_m)
+            q_last = tl.load(seg_base + tl.minimum(start_m + BLOCK_M, N) - 1)
+            needs_mask = (k_first != k_last) | (q_first != k_first) | (q_last != k_first) | (start_m + BLOCK_M > N)
+            if CAUSAL:
+                needs_mask = needs_mask | (start_m + 1 < start_n + BLOCK_N)
+            if needs_mask:  # [BLOCK_N, BLOCK_M]; padded keys (-1) and queries (-2) match nothing
+                seg_q = tl.load(seg_base + offs_m, mask=offs_m < N, other=-2)
+                keep = seg_k[:, None] == seg_q[None, :]
+                if CAUSAL:
+                    keep = keep & (offs_m[None, :] >= offs_n[:, None])
+                logit = tl.where(keep, logit, float("-inf"))
+            pT = tl.math.exp2(logit)
+            dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
+            dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
+            dsT = pT * (dpT - delta[None, :])
+            dk += tl.dot(dsT.to(q.dtype), q, input_precision=PRECISION)
+        return dk, dv
+
+    @triton.jit
+    def _attn_bwd_dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, DK, DV, SEG_START, SEG_END, H, N, scale, qk_scale,
+        CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, EVEN_N: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     ):
         start_n = tl.program_id(0) * BLOCK_N
@@ -397,7 +597,18 @@ if HAS_TRITON:
         v = _load_rows(V + head + kv_off, offs_n, N, EVEN_N)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-        if CAUSAL:
+        if HAS_SEG:
+            seg_base = SEG_START + (bh // H) * N
+            last_n = tl.minimum(start_n + BLOCK_N, N) - 1
+            k_first = tl.load(seg_base + start_n)  # = first query of the first key's sentence
+            k_last = tl.load(seg_base + last_n)
+            seg_k = tl.load(seg_base + offs_n, mask=offs_n < N, other=-1)
+            lo = start_n if CAUSAL else k_first  # causal: no earlier query sees these keys
+            hi = tl.load(SEG_END + (bh // H) * N + last_n)
+            dk, dv = _dkdv_seg_inner(dk, dv, k, v, seg_k, Q + head, DO + head, LSE + bh * N, DELTA + bh * N,
+                                     seg_base, offs_n, start_n, k_first, k_last, N, (lo // BLOCK_M) * BLOCK_M, hi,
+                                     qk_scale, CAUSAL, EVEN_N, HEAD_DIM, BLOCK_M, BLOCK_N, PRECISION)
+        elif CAUSAL:
             # queries on the diagonal band, then every query below it (no causal mask needed)
             diag_end = tl.minimum(start_n + BLOCK_N, N)
             dk, dv = _dkdv_inner(dk, dv, k, v, Q + head, DO + head, LSE + bh * N, DELTA + bh * N, offs_n, N,
@@ -441,9 +652,41 @@ if HAS_TRITON:
         return dq
 
     @triton.jit
+    def _dq_seg_inner(
+        dq, q, do, lse2, delta, seg_q, k_base, v_base, seg_base, offs_m, start_m, q_first, q_last, N, lo, hi,
+        qk_scale, CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """_dq_inner for packed sentences, with the forward's tile range and mask test."""
+        offs_d = tl.arange(0, HEAD_DIM)
+        for start_n in range(lo, hi, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            kv_off = offs_n[:, None] * HEAD_DIM + offs_d[None, :]  # [BLOCK_N, D]
+            k = _load_rows(k_base + kv_off, offs_n, N, EVEN_N)
+            v = _load_rows(v_base + kv_off, offs_n, N, EVEN_N)
+            logit = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None]  # [BLOCK_M, BLOCK_N]
+            k_first = tl.load(seg_base + start_n)
+            k_last = tl.load(seg_base + tl.minimum(start_n + BLOCK_N, N) - 1)
+            needs_mask = (q_first != q_last) | (k_first != q_first) | (k_last != q_first) | (start_n + BLOCK_N > N)
+            if CAUSAL:
+                needs_mask = needs_mask | (start_n + BLOCK_N > start_m + 1)
+            if needs_mask:
+                seg_k = tl.load(seg_base + offs_n, mask=offs_n < N, other=-1)
+                keep = seg_q[:, None] == seg_k[None, :]
+                if CAUSAL:
+                    keep = keep & (offs_m[:, None] >= offs_n[None, :])
+                logit = tl.where(keep, logit, float("-inf"))
+            p = tl.math.exp2(logit)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        return dq
+
+    @triton.jit
     def _attn_bwd_dq_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ, N, scale, qk_scale,
-        CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+        Q, K, V, DO, LSE, DELTA, DQ, SEG_START, SEG_END, H, N, scale, qk_scale,
+        CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, EVEN_N: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     ):
         start_m = tl.program_id(0) * BLOCK_M
@@ -464,7 +707,19 @@ if HAS_TRITON:
             delta = tl.load(DELTA + bh * N + offs_m, mask=offs_m < N, other=0.0)
         lse2 = lse * 1.4426950408889634
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        if CAUSAL:
+        if HAS_SEG:
+            seg_base = SEG_START + (bh // H) * N
+            last_m = tl.minimum(start_m + BLOCK_M, N) - 1
+            q_first = tl.load(seg_base + start_m)
+            q_last = tl.load(seg_base + last_m)
+            seg_q = tl.load(seg_base + offs_m, mask=offs_m < N, other=-2)
+            hi = tl.load(SEG_END + (bh // H) * N + last_m)
+            if CAUSAL:
+                hi = tl.minimum(hi, last_m + 1)
+            dq = _dq_seg_inner(dq, q, do, lse2, delta, seg_q, K + head, V + head, seg_base, offs_m, start_m, q_first,
+                               q_last, N, (q_first // BLOCK_N) * BLOCK_N, hi, qk_scale, CAUSAL, EVEN_N, HEAD_DIM,
+                               BLOCK_N, PRECISION)
+        elif CAUSAL:
             dq = _dq_inner(dq, q, do, lse2, delta, K + head, V + head, offs_m, N, 0, start_m, qk_scale,
                            False, True, HEAD_DIM, BLOCK_N, PRECISION)
             dq = _dq_inner(dq, q, do, lse2, delta, K + head, V + head, offs_m, N, start_m,
