@@ -52,16 +52,12 @@ def fused_linear_cross_entropy(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
-    options = _Options(
-        ignore_index=int(ignore_index),
-        reduction=reduction,
-        label_smoothing=float(label_smoothing),
-        z_loss=float(z_loss),
-        chunk_size=chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0]),
-        softmax_step=_softmax_step_triton if path == "triton" else _softmax_step_torch,
-        needs_grad=needs_grad,
+    loss, *_ = torch.ops.lvm.linear_ce_fwd(
+        hidden.contiguous(), weight, bias, target.contiguous(), int(ignore_index), reduction, float(label_smoothing),
+        float(z_loss), chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0]), path == "triton",
+        needs_grad,
     )
-    return _FusedLinearCrossEntropy.apply(hidden, weight, bias, target, options)
+    return loss
 
 
 def linear_cross_entropy_reference(
@@ -100,7 +96,7 @@ def default_chunk_size(n_tokens: int, vocab: int) -> int:
 
 @dataclass(frozen=True)
 class _Options:
-    """Non-tensor arguments, bundled so autograd.Function.apply stays readable."""
+    """Non-tensor arguments, bundled so the chunk loop's signature stays readable."""
 
     ignore_index: int
     reduction: str
@@ -108,37 +104,93 @@ class _Options:
     z_loss: float
     chunk_size: int
     softmax_step: Callable
-    needs_grad: bool
 
 
-class _FusedLinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, target, opt: _Options):
-        hidden, target = hidden.contiguous(), target.contiguous()
-        ctx.opt = opt
-        ctx.has_bias = bias is not None
-        if opt.reduction == "none":
-            losses, _ = _chunk_loop(hidden, weight, bias, target, opt, row_scale=None, want_grads=False)
-            ctx.save_for_backward(hidden, weight, bias, target)
-            return losses
-        n_valid = int((target != opt.ignore_index).sum())  # one host sync per call
-        scale = 1.0 / max(n_valid, 1) if opt.reduction == "mean" else 1.0
-        losses, grads = _chunk_loop(hidden, weight, bias, target, opt, scale=scale, want_grads=opt.needs_grad)
-        if grads is not None:
-            ctx.save_for_backward(*grads)
-        return losses.sum() * scale  # fp32 scalar; 0.0 when every target is ignored
+def _options(ignore_index, reduction, label_smoothing, z_loss, chunk_size, use_triton) -> _Options:
+    step = _softmax_step_triton if use_triton else _softmax_step_torch
+    return _Options(ignore_index, reduction, label_smoothing, z_loss, chunk_size, step)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        opt = ctx.opt
-        if opt.reduction == "none":
-            hidden, weight, bias, target = ctx.saved_tensors
-            row_scale = grad_out.float().contiguous()  # [N]: per-token upstream gradient
-            _, grads = _chunk_loop(hidden, weight, bias, target, opt, row_scale=row_scale, want_grads=True)
-        else:
-            grads = [g * grad_out.to(g.dtype) if g is not None else None for g in ctx.saved_tensors]
-        d_hidden, d_weight, d_bias = grads
-        return d_hidden, d_weight, d_bias if ctx.has_bias else None, None, None
+
+# Custom operators (torch.library): torch.compile sees the chunk loop as one opaque node, so the
+# host sync for the number of valid targets and the Python loop cause no graph break.
+# For mean/sum the forward op also returns the (already scaled) gradients, which the autograd
+# formula rescales by grad_output; those outputs are empty [0] tensors when no gradient is wanted.
+
+
+@torch.library.custom_op("lvm::linear_ce_fwd", mutates_args=())
+def _linear_ce_fwd(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor, ignore_index: int,
+    reduction: str, label_smoothing: float, z_loss: float, chunk_size: int, use_triton: bool, needs_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss: [] or [N] fp32, d_hidden [N, D], d_weight [V, D], d_bias [V]) with empty grads when not computed."""
+    opt = _options(ignore_index, reduction, label_smoothing, z_loss, chunk_size, use_triton)
+    empty = hidden.new_empty(0)
+    if reduction == "none":
+        losses, _ = _chunk_loop(hidden, weight, bias, target, opt, want_grads=False)
+        return losses, empty, empty.clone(), empty.clone()
+    n_valid = int((target != ignore_index).sum())  # one host sync per call
+    scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
+    losses, grads = _chunk_loop(hidden, weight, bias, target, opt, scale=scale, want_grads=needs_grad)
+    loss = losses.sum() * scale  # fp32 scalar; 0.0 when every target is ignored
+    if grads is None:
+        return loss, empty, empty.clone(), empty.clone()
+    d_hidden, d_weight, d_bias = grads
+    return loss, d_hidden, d_weight, d_bias if d_bias is not None else empty
+
+
+@_linear_ce_fwd.register_fake
+def _(hidden, weight, bias, target, ignore_index, reduction, label_smoothing, z_loss, chunk_size, use_triton,
+      needs_grad):
+    loss = hidden.new_empty(target.shape if reduction == "none" else (), dtype=torch.float32)
+    grads = needs_grad and reduction != "none"
+    d_hidden = torch.empty_like(hidden) if grads else hidden.new_empty(0)
+    d_weight = torch.empty_like(weight) if grads else hidden.new_empty(0)
+    d_bias = torch.empty_like(bias) if grads and bias is not None else hidden.new_empty(0)
+    return loss, d_hidden, d_weight, d_bias
+
+
+@torch.library.custom_op("lvm::linear_ce_bwd", mutates_args=())
+def _linear_ce_bwd(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+    row_scale: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float, chunk_size: int,
+    use_triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """reduction="none" backward: redo the chunk loop with the per-token upstream gradient as row scale."""
+    opt = _options(ignore_index, "none", label_smoothing, z_loss, chunk_size, use_triton)
+    _, (d_hidden, d_weight, d_bias) = _chunk_loop(hidden, weight, bias, target, opt, row_scale=row_scale,
+                                                  want_grads=True)
+    return d_hidden, d_weight, d_bias if d_bias is not None else hidden.new_empty(0)
+
+
+@_linear_ce_bwd.register_fake
+def _(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, chunk_size, use_triton):
+    d_bias = torch.empty_like(bias) if bias is not None else hidden.new_empty(0)
+    return torch.empty_like(hidden), torch.empty_like(weight), d_bias
+
+
+def _linear_ce_setup(ctx, inputs, output) -> None:
+    hidden, weight, bias, target, ignore_index, reduction, label_smoothing, z_loss, chunk_size, use_triton, _ = inputs
+    _, d_hidden, d_weight, d_bias = output
+    ctx.mark_non_differentiable(d_hidden, d_weight, d_bias)
+    ctx.has_bias, ctx.reduction = bias is not None, reduction
+    ctx.args = (ignore_index, label_smoothing, z_loss, chunk_size, use_triton)
+    if reduction == "none":
+        ctx.save_for_backward(hidden, weight, bias, target)
+    else:
+        ctx.save_for_backward(d_hidden, d_weight, d_bias)
+
+
+def _linear_ce_backward(ctx, grad_loss, *unused):
+    if ctx.reduction == "none":
+        hidden, weight, bias, target = ctx.saved_tensors
+        row_scale = grad_loss.float().contiguous()  # [N]: per-token upstream gradient
+        d_hidden, d_weight, d_bias = torch.ops.lvm.linear_ce_bwd(hidden, weight, bias, target, row_scale, *ctx.args)
+    else:
+        d_hidden, d_weight, d_bias = (g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
+    return d_hidden, d_weight, d_bias if ctx.has_bias else None, None, None, None, None, None, None, None, None
+
+
+_linear_ce_fwd.register_autograd(_linear_ce_backward, setup_context=_linear_ce_setup)
 
 
 def _chunk_loop(hidden, weight, bias, target, opt, scale=1.0, row_scale=None, want_grads=True):
