@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from kernels import flash_attention, fused_linear_cross_entropy
+from kernels.dispatch import resolve_backend
 from lvm.config import LVMConfig
 
 WEIGHTS_NAME = "model.safetensors"
@@ -412,10 +413,15 @@ class RMSNorm(nn.Module):
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_len: int) -> torch.Tensor:
     """Causal attention inside consecutive blocks of ``segment_len`` tokens of q, k, v [B, H, T, Dh].
 
-    The blocks become batch rows, so any attention kernel serves. A short last block is padded
-    at its end; padded keys sit after every real query of that block, so the causal mask hides them.
+    On the Triton path the kernel takes sentence ids (position // segment_len) and skips the tiles
+    between sentences, so nothing is padded or copied. The torch path makes the blocks batch rows
+    (SDPA's fast causal kernel, no [T, T] mask); a short last block is padded at its end, where the
+    causal mask hides the padded keys from every real query.
     """
     t = q.shape[2]
+    if resolve_backend("auto", q.device, "flash_attention") == "triton":
+        segment_ids = (torch.arange(t, device=q.device) // segment_len).expand(q.shape[0], t)  # [B, T]
+        return flash_attention(q, k, v, causal=True, segment_ids=segment_ids)
     pad = -t % segment_len
     if pad:
         q, k, v = (F.pad(z, (0, 0, 0, pad)) for z in (q, k, v))
