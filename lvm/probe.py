@@ -1,8 +1,8 @@
 """Probes: how good are the LVM's hidden states for a labelled task, at 1/10/30/100 % of labels?
 
-Features come from any layer of the LVM run on ``[BOS] image``; an image's token states are
-pooled by ``mean`` (one vector), ``grid`` (average-pooled to a ``g x g`` grid, keeping the layout)
-or ``tokens`` (all of them). Three probes (``methods``):
+Features come from any layer of the LVM run on ``[BOS] image`` (``lvm.data.image_rows``); an
+image's token states are pooled by ``mean`` (one vector), ``grid`` (average-pooled to a ``g x g``
+grid, keeping the layout) or ``tokens`` (all of them). Three probes (``methods``):
 
 - ``linear``: multinomial logistic regression on standardised pooled features, L2 strength
   picked on a validation split;
@@ -17,8 +17,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,9 +29,13 @@ from einops import rearrange
 from tqdm.auto import tqdm
 
 from kernels.dispatch import PRECISIONS, mixed_precision
-from lvm.data import SpecialTokens
+from lvm.checkpoint import load_model_and_tokenizer, require_same_tokenizer
+from lvm.data import SpecialTokens, image_rows
 from lvm.model import LVM
 from tokenizer.images import ImageSet, load_images
+
+if TYPE_CHECKING:
+    from tokenizer.model import Tokenizer
 
 POOLS = ("mean", "grid", "tokens")
 METHODS = ("linear", "attentive", "finetune")
@@ -76,8 +82,41 @@ class ProbeConfig:
 
 def run_probe(cfg: ProbeConfig) -> dict:
     """The ``lvm probe`` entry point: writes probe.json, probe.md and label_efficiency.png."""
-    from lvm.generate import load_model_and_tokenizer
+    _check_config(cfg)
+    model, tok, ckpt = load_model_and_tokenizer(cfg.checkpoint, cfg.tokenizer)
+    train_set, test_set = _labelled_sets(cfg, tok)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    task = _encode_task(cfg, tok, train_set, test_set)
+    results: dict = {"config": asdict(cfg), "checkpoint": str(ckpt), "rows": [], "layer_sweep": {},
+                     "seconds_by_stage": {}}
+    for name, m in _models_to_probe(cfg, model, tok, ckpt).items():
+        layers = cfg.layers or [_choose_layer(name, m, task, cfg, results)]
+        for layer in layers:
+            label = f"{name} (layer {layer})"
+            results["rows"] += _probe_layer(label, m, layer, task, cfg, results["seconds_by_stage"])
+    if cfg.baselines:  # raw pixels, linear probe
+        results["rows"] += label_efficiency("raw pixels", pixel_features(train_set), train_set.labels,
+                                            pixel_features(test_set), test_set.labels, cfg.fractions, cfg.seeds,
+                                            cfg.seed)
+    results["seconds"] = round(time.time() - t0, 1)
+    return _write_outputs(results, cfg.fractions, out)
 
+
+@dataclass
+class ProbeTask:
+    """The labelled train/test sets encoded once, shared by every model, layer and method."""
+
+    special: SpecialTokens
+    train_ids: torch.Tensor  # [N, h, w]
+    train_labels: np.ndarray  # [N]
+    test_ids: torch.Tensor  # [M, h, w]
+    test_labels: np.ndarray  # [M]
+    flipped_ids: torch.Tensor | None = None  # [N, h*w] of the mirrored train images: fine-tuning's augmentation
+
+
+def _check_config(cfg: ProbeConfig) -> None:
     if cfg.pool not in POOLS:
         raise ProbeError(f"pool={cfg.pool!r} is not one of {POOLS}.")
     unknown = [m for m in cfg.methods if m not in METHODS]
@@ -88,7 +127,10 @@ def run_probe(cfg: ProbeConfig) -> dict:
     bad = [f for f in cfg.fractions if not 0 < f <= 1]
     if bad:
         raise ProbeError(f"fractions {bad} must lie in (0, 1].")
-    model, tok, ckpt = load_model_and_tokenizer(cfg.checkpoint, cfg.tokenizer)
+
+
+def _labelled_sets(cfg: ProbeConfig, tok: Tokenizer) -> tuple[ImageSet, ImageSet]:
+    """Train and test images at the tokenizer's size; both must carry labels."""
     size, channels = tok.config.image_size, tok.config.channels
     train_set = load_images(cfg.source, cfg.split, size=size, channels=channels, limit=cfg.limit_train or None)
     test_set = load_images(cfg.test_source or cfg.source, cfg.test_split, size=size, channels=channels,
@@ -99,77 +141,84 @@ def run_probe(cfg: ProbeConfig) -> dict:
                 f"{s.source} has no labels; probes need labelled images (a folder with one sub-folder per class, "
                 f"IDX with a labels file, or .npz with 'labels'); pass a labelled --{name.replace('_', '-')}."
             )
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    train_ids, test_ids = tok.encode(train_set.images), tok.encode(test_set.images)  # [N, h, w]
-    if "finetune" in cfg.methods:  # fine-tuning reads token ids, one row per image: [N, h*w]
-        ft_train, ft_test = (ids.reshape(len(ids), -1).long() for ids in (train_ids, test_ids))
-        ft_flipped = None
-        if cfg.flip:
-            ft_flipped = tok.encode(np.ascontiguousarray(train_set.images[:, :, ::-1])).reshape(len(ft_train), -1).long()
-    frozen_states = "linear" in cfg.methods or "attentive" in cfg.methods  # both read cached token states
+    return train_set, test_set
 
-    results: dict = {"config": asdict(cfg), "checkpoint": str(ckpt), "rows": [], "layer_sweep": {}, "seconds_by_stage": {}}
+
+def _encode_task(cfg: ProbeConfig, tok: Tokenizer, train_set: ImageSet, test_set: ImageSet) -> ProbeTask:
+    flipped = None
+    if "finetune" in cfg.methods and cfg.flip:
+        mirrored = np.ascontiguousarray(train_set.images[:, :, ::-1])  # [N, H, W, C] flipped left-right
+        flipped = tok.encode(mirrored).reshape(len(train_set.images), -1).long()  # [N, h*w]
+    return ProbeTask(SpecialTokens(tok.vocab_size), tok.encode(train_set.images), train_set.labels,
+                     tok.encode(test_set.images), test_set.labels, flipped)
+
+
+def _models_to_probe(cfg: ProbeConfig, model: LVM, tok: Tokenizer, ckpt: Path) -> dict[str, LVM]:
+    """The checkpoint, every ``--compare`` checkpoint (same tokenizer only) and the random-init baseline."""
     models = {"lvm": model}
     for path in cfg.compare:
-        other, other_tok, other_ckpt = load_model_and_tokenizer(path, cfg.tokenizer)
-        if other_tok.fingerprint != tok.fingerprint:
-            raise ProbeError(f"--compare {path} uses another tokenizer than {ckpt}; probes compare checkpoints of one tokenizer.")
+        other, other_tok, _ = load_model_and_tokenizer(path, cfg.tokenizer)
+        require_same_tokenizer(tok.fingerprint, other_tok.fingerprint, what=f"--compare {path} against {ckpt}",
+                               fix="probes compare checkpoints of one tokenizer; compare runs on the same shards.")
         models[f"lvm:{path}"] = other  # the path as given: basenames like "lvm" repeat
     if cfg.baselines:
         torch.manual_seed(cfg.seed)
         models["random-init"] = LVM(model.config).eval()
+    return models
 
-    special = SpecialTokens(tok.vocab_size)
-    clock = results["seconds_by_stage"]
-    for name, m in models.items():
-        layers = cfg.layers
-        if not layers:
-            print(f"probe: choosing the layer of {name} on {min(cfg.sweep_images, len(train_ids))} train images", flush=True)
-            tic = time.time()
-            best, scores = pick_layer(m, train_ids, train_set.labels, special, cfg)
-            clock[f"{name}: layer sweep"] = round(time.time() - tic, 1)
-            results["layer_sweep"][name] = scores
-            layers = [best]
-        for lay in layers:
-            label = f"{name} (layer {lay})"
-            if frozen_states:
-                print(f"probe: features of {name}, layer {lay}", flush=True)
-                tic = time.time()
-                t_train = extract_features(m, train_ids, special, lay, "tokens", batch_size=cfg.batch_size,
-                                           precision=cfg.precision)
-                t_test = extract_features(m, test_ids, special, lay, "tokens", batch_size=cfg.batch_size,
-                                          precision=cfg.precision)
-                clock[f"{label}: features"] = round(time.time() - tic, 1)
-            if "linear" in cfg.methods:
-                tic = time.time()
-                hw = train_ids.shape[1:]
-                f_train, f_test = (pool_tokens(t, cfg.pool, hw, cfg.grid) for t in (t_train, t_test))
-                results["rows"] += label_efficiency(label, f_train, train_set.labels, f_test, test_set.labels,
-                                                    cfg.fractions, cfg.seeds, cfg.seed)
-                clock[f"{label}: linear"] = round(time.time() - tic, 1)
-                del f_train, f_test
-            if "attentive" in cfg.methods:
-                tic = time.time()
-                results["rows"] += head_efficiency(label, "attentive", t_train, train_set.labels, t_test,
-                                                   test_set.labels, cfg)
-                clock[f"{label}: attentive"] = round(time.time() - tic, 1)
-            if frozen_states:
-                del t_train, t_test
-            if "finetune" in cfg.methods:
-                tic = time.time()
-                results["rows"] += head_efficiency(label, "finetune", ft_train, train_set.labels, ft_test,
-                                                   test_set.labels, cfg, lvm=m, layer=lay, bos=special.bos,
-                                                   flipped=ft_flipped)
-                clock[f"{label}: finetune"] = round(time.time() - tic, 1)
-    if cfg.baselines:
-        px_train, px_test = pixel_features(train_set), pixel_features(test_set)
-        results["rows"] += label_efficiency("raw pixels", px_train, train_set.labels, px_test, test_set.labels,
-                                            cfg.fractions, cfg.seeds, cfg.seed)
-    results["seconds"] = round(time.time() - t0, 1)
+
+def _choose_layer(name: str, model: LVM, task: ProbeTask, cfg: ProbeConfig, results: dict) -> int:
+    """``pick_layer`` on train images only, its scores and time recorded in ``results``."""
+    n = min(cfg.sweep_images, len(task.train_ids))
+    print(f"probe: choosing the layer of {name} on {n} train images", flush=True)
+    tic = time.time()
+    best, scores = pick_layer(model, task.train_ids, task.train_labels, task.special, cfg)
+    results["seconds_by_stage"][f"{name}: layer sweep"] = round(time.time() - tic, 1)
+    results["layer_sweep"][name] = scores
+    return best
+
+
+def _probe_layer(label: str, model: LVM, layer: int, task: ProbeTask, cfg: ProbeConfig, clock: dict) -> list[dict]:
+    """Every requested method on one layer of one model; each stage's seconds go to ``clock``."""
+    rows: list[dict] = []
+    if "linear" in cfg.methods or "attentive" in cfg.methods:  # both read the cached token states
+        print(f"probe: features of {label}", flush=True)
+        with _timed(clock, f"{label}: features"):
+            t_train, t_test = (extract_features(model, ids, task.special, layer, "tokens", batch_size=cfg.batch_size,
+                                                precision=cfg.precision) for ids in (task.train_ids, task.test_ids))
+        if "linear" in cfg.methods:
+            with _timed(clock, f"{label}: linear"):
+                rows += _linear_rows(label, t_train, t_test, task, cfg)
+        if "attentive" in cfg.methods:
+            with _timed(clock, f"{label}: attentive"):
+                rows += head_efficiency(label, "attentive", t_train, task.train_labels, t_test, task.test_labels, cfg)
+        del t_train, t_test  # [N, h*w, D] each: free before fine-tuning
+    if "finetune" in cfg.methods:
+        ft_train, ft_test = (ids.reshape(len(ids), -1).long() for ids in (task.train_ids, task.test_ids))  # [N, h*w]
+        with _timed(clock, f"{label}: finetune"):
+            rows += head_efficiency(label, "finetune", ft_train, task.train_labels, ft_test, task.test_labels, cfg,
+                                    lvm=model, layer=layer, bos=task.special.bos, flipped=task.flipped_ids)
+    return rows
+
+
+def _linear_rows(label: str, t_train: torch.Tensor, t_test: torch.Tensor, task: ProbeTask,
+                 cfg: ProbeConfig) -> list[dict]:
+    hw = tuple(task.train_ids.shape[1:])
+    f_train, f_test = (pool_tokens(t, cfg.pool, hw, cfg.grid) for t in (t_train, t_test))  # [N, F]
+    return label_efficiency(label, f_train, task.train_labels, f_test, task.test_labels, cfg.fractions, cfg.seeds,
+                            cfg.seed)
+
+
+@contextmanager
+def _timed(clock: dict, key: str):
+    tic = time.time()
+    yield
+    clock[key] = round(time.time() - tic, 1)
+
+
+def _write_outputs(results: dict, fractions: list[float], out: Path) -> dict:
     (out / "probe.json").write_text(json.dumps(results, indent=2))
-    (out / "probe.md").write_text(markdown_table(results["rows"], cfg.fractions))
+    (out / "probe.md").write_text(markdown_table(results["rows"], fractions))
     plot_label_efficiency(results["rows"], out / "label_efficiency.png")
     return {"out": str(out), "table": str(out / "probe.md"), "rows": results["rows"]}
 
@@ -192,7 +241,7 @@ def extract_features(
     device = next(model.parameters()).device
     wanted = [layers] if isinstance(layers, int) else list(layers)
     n, h, w = ids.shape
-    seq = torch.cat([torch.full((n, 1), special.bos), ids.reshape(n, h * w).long()], dim=1)  # [N, 1 + h*w]
+    seq = image_rows(ids, special)  # [N, 1 + h*w]
     outs: dict[int, list[torch.Tensor]] = {layer: [] for layer in wanted}
     for start in tqdm(range(0, n, batch_size), desc="features", unit="batch", leave=False):
         with mixed_precision(device, precision):

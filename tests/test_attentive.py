@@ -62,7 +62,7 @@ def test_attentive_probe_learns_where_to_look_and_not_noise():
 
 def test_fine_tune_trains_a_copy_and_learns(tiny_pipeline):
     from lvm.data import SpecialTokens
-    from lvm.generate import load_model_and_tokenizer
+    from lvm.checkpoint import load_model_and_tokenizer
 
     model, tok, _ = load_model_and_tokenizer(tiny_pipeline["lvm"], "")
     data = np.load(tiny_pipeline["npz"])

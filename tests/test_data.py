@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lvm.data import (
-    DataError, PackedBatches, SpecialTokens, VisualSentences, eval_batches, image_rows, sentence_length, visual_sentence,
+    DataError, PackedBatches, SpecialTokens, VisualSentences, eval_batches, image_rows, sentence_length,
+    visual_sentence,
 )
 
 CODEBOOK = 50

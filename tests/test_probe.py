@@ -68,7 +68,7 @@ def test_probe_compares_checkpoints_on_one_task(tiny_pipeline, tmp_path):
 def test_bf16_features_track_fp32(tiny_pipeline):
     """Feature extraction under bf16 autocast (the CPU default on AMX machines) stays close to fp32's."""
     from lvm.data import SpecialTokens
-    from lvm.generate import load_model_and_tokenizer
+    from lvm.checkpoint import load_model_and_tokenizer
     from lvm.probe import extract_features
 
     model, tok, _ = load_model_and_tokenizer(tiny_pipeline["lvm"], "")
@@ -84,4 +84,43 @@ def test_bf16_features_track_fp32(tiny_pipeline):
 def test_probe_rejects_unknown_precision(tiny_pipeline, tmp_path):
     cfg = ProbeConfig(checkpoint=tiny_pipeline["lvm"], source=tiny_pipeline["npz"], precision="fp16", out=str(tmp_path))
     with pytest.raises(ProbeError, match="precision='fp16'"):
+        run_probe(cfg)
+
+
+def test_probe_features_read_the_training_layout(tiny_pipeline):
+    """The probe's [BOS] image rows are the start of a training sentence: same states at the image's tokens."""
+    from lvm.checkpoint import load_model_and_tokenizer
+    from lvm.data import SpecialTokens, VisualSentences
+    from lvm.probe import extract_features
+
+    model, tok, _ = load_model_and_tokenizer(tiny_pipeline["lvm"])
+    special = SpecialTokens(tok.vocab_size)
+    sentences = VisualSentences(tiny_pipeline["shards"])
+    ids = torch.from_numpy(np.stack([sentences.main.tokens[i] for i in range(5)]).astype(np.int64))  # [5, h, w]
+    rows = torch.from_numpy(np.stack([sentences.sentence(i) for i in range(5)]))  # [5, 1 + h*w + 1]
+    per_image = ids[0].numel()
+    assert torch.equal(rows[:, 0], torch.full((5,), special.bos))
+    assert torch.equal(rows[:, 1 : 1 + per_image], ids.reshape(5, -1))
+    with torch.no_grad():
+        states = model.hidden_states(rows, layers=[2])[0][:, 1 : 1 + per_image]  # [5, h*w, D]
+    feats = extract_features(model, ids, special, 2, "mean", precision="fp32")  # [5, D]
+    torch.testing.assert_close(feats, states.float().mean(1), rtol=1e-4, atol=1e-5)
+
+
+def test_probe_compare_refuses_another_tokenizer(tiny_pipeline, tmp_path):
+    import json
+    import shutil
+
+    from lvm.checkpoint import CheckpointMismatch, resolve_checkpoint
+    from tokenizer.model import Tokenizer, TokenizerConfig
+
+    torch.manual_seed(321)  # same codebook size, other weights
+    other = Tokenizer(TokenizerConfig(image_size=16, widths=(16, 16), fsq_levels=(4, 4)))
+    other.save_pretrained(tmp_path / "t2")
+    shutil.copytree(resolve_checkpoint(tiny_pipeline["lvm"]), tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "data.json").write_text(json.dumps(
+        {"tokenizer_path": str(tmp_path / "t2"), "tokenizer_fingerprint": other.fingerprint}))
+    cfg = ProbeConfig(checkpoint=tiny_pipeline["lvm"], compare=[str(tmp_path / "ckpt")], source=tiny_pipeline["npz"],
+                      fractions=[1.0], seeds=1, layers=[1], baselines=False, out=str(tmp_path / "out"))
+    with pytest.raises(CheckpointMismatch, match=f"--compare {tmp_path / 'ckpt'}.*got {other.fingerprint}"):
         run_probe(cfg)
