@@ -59,7 +59,9 @@ def read_data_info(ckpt: str | os.PathLike) -> dict:
     try:
         return json.loads(data_file.read_text())
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{data_file} is not valid JSON ({err}); the checkpoint is damaged, use another.") from err
+        raise CheckpointError(
+            f"{data_file} is not valid JSON ({err}); the checkpoint is damaged, use another."
+        ) from err
 
 
 def require_same_tokenizer(
