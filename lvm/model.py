@@ -208,22 +208,12 @@ class LVM(nn.Module):
     def configure_optimizers(
         self, weight_decay: float, lr: float, betas: tuple[float, float] = (0.9, 0.95)
     ) -> torch.optim.AdamW:
-        """AdamW with weight decay only on 2-D matmul weights.
+        """AdamW with weight decay only on 2-D matmul weights (``lvm.runtime.param_groups`` says why);
+        the token embedding gets none: decay would shrink rare tokens' rows merely for being rare.
+        An untied head is a matmul weight and is decayed."""
+        from lvm.runtime import param_groups
 
-        Decay is a prior that keeps projection matrices small; on norm gains it would pull them
-        towards 0 (not their neutral 1), and on embeddings it shrinks rare tokens' rows merely for
-        being rare, so those get none. An untied head is a matmul weight and is decayed.
-        """
-        embedding = self.tok_emb.weight
-        decay, no_decay = [], []
-        for p in self.parameters():
-            if not p.requires_grad:
-                continue
-            (decay if p.dim() >= 2 and p is not embedding else no_decay).append(p)
-        groups = [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        groups = param_groups(self, weight_decay, lr, no_decay=[self.tok_emb.weight])
         return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
     def save_pretrained(self, directory: str | os.PathLike, state_dict: dict | None = None) -> Path:

@@ -1,9 +1,10 @@
-"""Training: the loop, checkpoints with exact resume, and torchrun/DDP, in one readable file.
+"""LVM pretraining: setup, one step function and a short loop on the shared runtime (``lvm.runtime``).
 
-The same entry point runs on one CPU, one GPU, or many processes under ``torchrun`` (DDP; the
-global batch is split across ranks, rank 0 logs and checkpoints). Batches are a pure function of
-the step (``lvm.data.PackedBatches``), so a checkpoint needs only the step, weights, optimizer
-state and RNG to resume exactly where it stopped.
+The same entry point runs on one CPU, one GPU, or many processes under ``torchrun`` (DDP, or FSDP2
+with ``--fsdp``; the global batch is split across ranks, rank 0 logs and checkpoints). Batches are
+a pure function of the step (``lvm.data.PackedBatches``), so a checkpoint needs only the step,
+weights, optimizer state and RNG to resume exactly where it stopped. ``--time-budget`` fits the
+run's length to a wall time (``lvm.runtime.StepBudget``).
 
 Checkpoint layout (``out/``)::
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -26,14 +26,18 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from kernels.dispatch import PRECISIONS, mixed_precision
+from kernels.dispatch import BACKENDS
+from lvm.checkpoint import require_same_tokenizer
 from lvm.config import LVMConfig
 from lvm.data import DataError, PackedBatches, VisualSentences, eval_batches
 from lvm.model import LVM
+from lvm.runtime import (
+    LATEST, Checkpointer, ConfigError, MetricsLog, StepBudget, check_precision, mixed_precision, pick_device, set_lr,
+    warmup_cosine,
+)
+from tokenizer.atomic import write_json_atomic
 
-LATEST = "latest"
 DATA_FILE = "data.json"
-STATE_FILE = "trainer_state.json"
 OPTIM_FILE = "optimizer.pt"
 
 
@@ -78,31 +82,117 @@ class TrainConfig:
     eval_rows: int = 64  # held-out rows per eval (the same rows every time)
     ckpt_every: int = 500
     keep_checkpoints: int = 2
-    max_minutes: float = 0.0  # stop (with a checkpoint) after this wall time; 0 = no limit
+    time_budget: float = 0.0  # minutes; > 0: the step count (<= steps) that fits, decided at the end of warmup
+                              # from the measured speed; an overrun still stops at a clean checkpoint
     resume: bool = True  # continue from out/latest when it exists
     progress: bool = True
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train (or resume) and return a summary: final/eval loss, tokens/s, checkpoint path."""
-    dist_ctx = _init_distributed()
-    rank, world, device = dist_ctx["rank"], dist_ctx["world"], _pick_device(cfg.device, dist_ctx)
-    is_main = rank == 0
+    """Train (or resume) and return a summary: final/eval loss, tokens/s, steps run, checkpoint path."""
+    run = _setup(cfg)
+    budget, ckpt = run.budget, run.checkpointer
+    bar = tqdm(total=budget.steps, initial=run.start, desc="train", unit="step",
+               disable=not (run.is_main and cfg.progress))
+    t_start, loss, eval_loss, done, stopped_early = time.time(), float("nan"), None, run.start, False
+    log_t, log_step = t_start, run.start
+    try:
+        while done < budget.steps:
+            loss, grad_norm = _train_step(run, done)
+            done += 1
+            if budget.observe(done, run.spent_before) and run.is_main:
+                bar.total = budget.steps
+                print(f"train: {budget.steps} steps fit the {cfg.time_budget:g}-minute budget", flush=True)
+            record = {"step": done}
+            if done % cfg.log_every == 0 or done == budget.steps:
+                now = time.time()
+                tok_s = (done - log_step) * run.packer.tokens_per_step / max(now - log_t, 1e-9)
+                log_t, log_step = now, done
+                record.update(loss=round(loss, 5), lr=run.optimizer.param_groups[0]["lr"],
+                              grad_norm=round(grad_norm, 4), tokens_per_s=round(tok_s, 1),
+                              epoch=round(run.packer.epoch_of(done), 4))
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
+            out_of_time = _agree(budget.out_of_time(run.spent_before), run)
+            if done % cfg.eval_every == 0 or done == budget.steps or out_of_time:
+                eval_loss = evaluate(run.model, run.eval_set, run.context_len, run.micro_rows, cfg.eval_rows,
+                                     run.device, run.autocast, cfg.sentence_attention)
+                record["eval_loss"] = round(eval_loss, 5)
+            if len(record) > 1:
+                run.log.write(record)
+            bar.update(1)
+            if ckpt.due(done, budget.steps) or out_of_time:
+                _save(run, done, spent=run.spent_before + time.time() - t_start)
+            if out_of_time and done < budget.steps:
+                stopped_early = True
+                break
+    finally:
+        bar.close()
+        run.log.close()
+        if run.world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+    return _summary(run, done, loss, eval_loss, time.time() - t_start, stopped_early)
+
+
+def lr_at(step: int, cfg: TrainConfig, steps: int | None = None) -> float:
+    """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``steps`` (default ``cfg.steps``)."""
+    return cfg.lr * warmup_cosine(step, steps or cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
+
+
+@dataclass
+class _Run:
+    """Everything the step function and the loop share, built once by ``_setup``."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    model: LVM  # the unwrapped model (sharded in place under FSDP)
+    step_model: torch.nn.Module  # what the forward runs through: DDP and/or torch.compile wrappers
+    ddp: torch.nn.parallel.DistributedDataParallel | None
+    optimizer: torch.optim.Optimizer
+    packer: PackedBatches
+    eval_set: VisualSentences
+    data_info: dict
+    checkpointer: Checkpointer
+    log: MetricsLog
+    budget: StepBudget
+    autocast: object
+    start: int
+    spent_before: float  # seconds of training before this process (from the checkpoint), for the budget
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.world > 1 and self.cfg.fsdp
+
+    @property
+    def context_len(self) -> int:
+        return self.model.config.max_seq_len
+
+    @property
+    def micro_rows(self) -> int:
+        return self.cfg.batch_size // self.world // self.cfg.grad_accum
+
+    @property
+    def segment_len(self) -> int | None:
+        return self.packer.sentences.length if self.cfg.sentence_attention else None
+
+
+def _setup(cfg: TrainConfig) -> _Run:
+    """Process group, device, data, model (fresh or resumed), wrappers, optimizer, bookkeeping."""
+    rank, world, local_rank = _init_distributed()
+    device = pick_device(cfg.device, local_rank)
     if cfg.kernels != "auto":
         os.environ["LVM_KERNELS"] = cfg.kernels
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     _check_config(cfg, world)
     out = Path(cfg.out)
-
-    # ---- data ------------------------------------------------------------------------------
-    sentences = VisualSentences(cfg.data, cfg.views, cfg.kind, cfg.frames, seed=cfg.seed)
-    if cfg.eval_data:
-        train_set, eval_set = sentences, VisualSentences(cfg.eval_data, [], "single")
-        if eval_set.tokenizer_fingerprint != train_set.tokenizer_fingerprint:
-            raise DataError(f"{cfg.eval_data}: made by another tokenizer than {cfg.data}; tokenize both with the same one.")
-    else:
-        train_set, eval_set = sentences.split(cfg.eval_fraction, seed=cfg.seed)
+    train_set, eval_set = _datasets(cfg)
     data_info = {
         "tokenizer_fingerprint": train_set.tokenizer_fingerprint,
         "tokenizer_path": train_set.main.meta.get("tokenizer_path"),
@@ -111,147 +201,136 @@ def train(cfg: TrainConfig) -> dict:
         "kind": cfg.kind,
         "sentence_length": train_set.length,
     }
-
-    # ---- model, optimizer, resume ----------------------------------------------------------
     torch.manual_seed(cfg.seed)
-    start_step, optim_state = 0, None
-    resume_dir = out / LATEST
-    if cfg.resume and resume_dir.exists():
-        model, optim_state, start_step = _load_checkpoint(resume_dir, cfg, data_info, device)
+    checkpointer = Checkpointer(out, cfg.ckpt_every, cfg.keep_checkpoints, enabled=rank == 0)
+    resumed = checkpointer.resume(required=(OPTIM_FILE, DATA_FILE, "model.safetensors")) if cfg.resume else None
+    if resumed:
+        folder, state = resumed
+        saved = json.loads((folder / DATA_FILE).read_text())
+        require_same_tokenizer(saved["tokenizer_fingerprint"], data_info["tokenizer_fingerprint"],
+                               what=f"token shards {cfg.data} and checkpoint {folder.resolve()}",
+                               fix="re-tokenize with the checkpoint's tokenizer, or train into a fresh --out",
+                               error=DataError)
+        model = LVM.from_pretrained(folder, map_location=device)
+        start, spent, planned = int(state["step"]), float(state.get("elapsed_s", 0.0)), state.get("planned_steps")
     else:
-        overrides = {"dropout": cfg.dropout}
-        if cfg.context_len:
-            overrides["max_seq_len"] = cfg.context_len
-        config = LVMConfig.preset(cfg.preset, vocab_size=train_set.special.vocab_size, **overrides)
-        model = LVM(config).to(device)
-    sharded = world > 1 and cfg.fsdp
-    if sharded:  # FSDP2: each block is one all-gather unit; the root holds embeddings, norm and head
+        overrides = {"dropout": cfg.dropout, **({"max_seq_len": cfg.context_len} if cfg.context_len else {})}
+        model = LVM(LVMConfig.preset(cfg.preset, vocab_size=train_set.special.vocab_size, **overrides)).to(device)
+        start, spent, planned = 0, 0.0, None
+    if world > 1 and cfg.fsdp:  # FSDP2: each block is one all-gather unit; the root holds embeddings, norm, head
         from torch.distributed.fsdp import fully_shard
 
         for block in model.blocks:
             fully_shard(block)
         fully_shard(model)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2))
-    if optim_state is not None:
-        _load_optimizer_state(model, optimizer, optim_state)
-    context_len = model.config.max_seq_len
-    packer = PackedBatches(train_set, context_len, cfg.batch_size, cfg.seed, rank, world)
-    micro_rows = cfg.batch_size // world // cfg.grad_accum
-
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        _truncate_metrics(out / "metrics.jsonl", start_step)
-    step_model = model
-    if world > 1 and not sharded:
-        step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if resumed:
+        _load_optimizer_state(model, optimizer, torch.load(folder / OPTIM_FILE, map_location=device, weights_only=True))
+    ddp = None
+    if world > 1 and not cfg.fsdp:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_model = ddp or model
     if cfg.compile:
         step_model = torch.compile(step_model)
-    autocast = mixed_precision(device, cfg.precision)
-    segment_len = train_set.length if cfg.sentence_attention else None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "train_config.json", asdict(cfg))
+    budget = StepBudget(cfg.time_budget * 60, cfg.steps, cfg.warmup_steps, planned=planned)
+    return _Run(cfg, rank, world, device, model, step_model, ddp, optimizer,
+                PackedBatches(train_set, model.config.max_seq_len, cfg.batch_size, cfg.seed, rank, world), eval_set,
+                data_info, checkpointer, MetricsLog(out / "metrics.jsonl", start, enabled=rank == 0), budget,
+                mixed_precision(device, cfg.precision), start, spent)
 
-    # ---- loop ------------------------------------------------------------------------------
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=not (is_main and cfg.progress))
-    t_start, last_log_t, last_log_step = time.time(), time.time(), start_step
-    loss_value, eval_loss, step = float("nan"), None, start_step
-    metrics_file = open(out / "metrics.jsonl", "a") if is_main else None
-    try:
-        for step in range(start_step, cfg.steps):
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            inputs, targets = packer.batch(step)
-            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            total = torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum):
-                sl = slice(micro * micro_rows, (micro + 1) * micro_rows)
-                sync = micro == cfg.grad_accum - 1 or world == 1
-                ctx = step_model.no_sync() if (world > 1 and not sync) else nullcontext()
-                with ctx, autocast:
-                    loss = step_model(inputs[sl], targets[sl], segment_len=segment_len).loss / cfg.grad_accum
-                loss.backward()
-                total += loss.detach()
-            if world > 1:
-                dist.all_reduce(total, op=dist.ReduceOp.AVG)
-            loss_value = float(total)
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(
-                    f"loss became {loss_value} at step {step}; the last good checkpoint in {out / LATEST} is kept. "
-                    "Lower --lr, raise --warmup-steps or keep --grad-clip on, then resume."
-                )
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                if cfg.grad_clip > 0
-                else _grad_norm(model)
-            )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
 
-            record = None
-            if is_main and (done % cfg.log_every == 0 or done == cfg.steps):
-                now = time.time()
-                tok_s = (done - last_log_step) * packer.tokens_per_step / max(now - last_log_t, 1e-9)
-                last_log_t, last_log_step = now, done
-                gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # DTensor under FSDP
-                record = {"step": done, "loss": round(loss_value, 5), "lr": lr, "grad_norm": round(float(gn), 4),
-                          "tokens_per_s": round(tok_s, 1), "epoch": round(packer.epoch_of(done), 4)}
-                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}")
-            if done % cfg.eval_every == 0 or done == cfg.steps:
-                eval_loss = evaluate(model, eval_set, context_len, micro_rows, cfg.eval_rows, device, autocast,
-                                     cfg.sentence_attention)
-                if is_main:
-                    record = {**(record or {"step": done}), "eval_loss": round(eval_loss, 5)}
-            if record is not None:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-            bar.update(1)
-            out_of_time = bool(cfg.max_minutes) and (time.time() - t_start) > cfg.max_minutes * 60
-            if world > 1 and cfg.max_minutes:  # every rank must stop at the same step: rank 0's clock decides
-                flag = torch.tensor([float(out_of_time)], device=device)
-                dist.broadcast(flag, src=0)
-                out_of_time = bool(flag.item())
-            if done % cfg.ckpt_every == 0 or done == cfg.steps or out_of_time:
-                states = _full_states(model, optimizer, sharded)  # a collective call under FSDP: all ranks
-                if is_main:
-                    save_checkpoint(out, model, optimizer, done, cfg, data_info, *states)
-                if out_of_time:
-                    break
-    finally:
-        bar.close()
-        if metrics_file:
-            metrics_file.close()
-        if world > 1:
-            dist.barrier()
-            dist.destroy_process_group()
-    elapsed = time.time() - t_start
-    finished = step + 1 if cfg.steps > start_step else start_step
+def _train_step(run: _Run, step: int) -> tuple[float, float]:
+    """One optimizer step (all micro-steps, gradients synchronised once); returns (loss, grad norm)."""
+    cfg = run.cfg
+    set_lr(run.optimizer, warmup_cosine(step, run.budget.steps, cfg.warmup_steps, cfg.min_lr_ratio))
+    inputs, targets = (t.to(run.device, non_blocking=True) for t in run.packer.batch(step))
+    total = torch.zeros((), device=run.device)
+    for micro in range(cfg.grad_accum):
+        rows = slice(micro * run.micro_rows, (micro + 1) * run.micro_rows)
+        with _gradient_sync(run, micro == cfg.grad_accum - 1), run.autocast:
+            loss = run.step_model(inputs[rows], targets[rows], segment_len=run.segment_len).loss / cfg.grad_accum
+        loss.backward()
+        total += loss.detach()
+    if run.world > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.AVG)
+    loss_value = float(total)
+    if not math.isfinite(loss_value):
+        raise TrainingDiverged(
+            f"loss became {loss_value} at step {step}; the last good checkpoint in {Path(cfg.out) / LATEST} is kept. "
+            "Lower --lr, raise --warmup-steps or keep --grad-clip on, then resume."
+        )
+    params = run.model.parameters()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # DTensor under FSDP
+    return loss_value, float(grad_norm)
+
+
+def _gradient_sync(run: _Run, sync: bool):
+    """Skip the gradient all-reduce on all but the last micro-step: DDP's ``no_sync`` context, or
+    FSDP2's ``set_requires_gradient_sync`` switch (FSDP2 modules have no ``no_sync``)."""
+    if run.ddp is not None:
+        return nullcontext() if sync else run.ddp.no_sync()
+    if run.sharded:
+        run.model.set_requires_gradient_sync(sync)
+    return nullcontext()
+
+
+def _agree(flag: bool, run: _Run) -> bool:
+    """Every rank must stop at the same step: rank 0's clock decides."""
+    if run.world > 1 and run.budget.seconds > 0:
+        t = torch.tensor([float(flag)], device=run.device)
+        dist.broadcast(t, src=0)
+        return bool(t.item())
+    return flag
+
+
+def _save(run: _Run, step: int, spent: float) -> None:
+    """A checkpoint of ``step`` (a collective under FSDP: every rank gathers, rank 0 writes)."""
+    model_state, optim_state = _full_states(run.model, run.optimizer, run.sharded)
+
+    def write(folder: Path) -> None:
+        run.model.save_pretrained(folder, state_dict=model_state)
+        torch.save(optim_state, folder / OPTIM_FILE)
+        (folder / DATA_FILE).write_text(json.dumps(run.data_info, indent=2))
+
+    run.checkpointer.save(step, write, {"train_config": asdict(run.cfg), "elapsed_s": round(spent, 2),
+                                        "planned_steps": run.budget.steps if run.budget.fitted else None})
+
+
+def _summary(run: _Run, done: int, loss: float, eval_loss: float | None, elapsed: float, stopped_early: bool) -> dict:
+    trained = done - run.start
     summary = {
-        "out": str(out),
-        "checkpoint": str((out / LATEST).resolve()) if (out / LATEST).exists() else None,
-        "steps": finished,
-        "loss": loss_value,
+        "out": run.cfg.out,
+        "checkpoint": str(run.checkpointer.latest.resolve()) if run.checkpointer.latest else None,
+        "steps": done,
+        "planned_steps": run.budget.steps,
+        "stopped_early": stopped_early,
+        "loss": loss,
         "eval_loss": eval_loss,
-        "tokens_per_s": (finished - start_step) * packer.tokens_per_step / max(elapsed, 1e-9),
-        "params_non_embedding": model.num_params(),
+        "tokens_per_s": trained * run.packer.tokens_per_step / max(elapsed, 1e-9),
+        "seconds": round(run.spent_before + elapsed, 1),
+        "params_non_embedding": run.model.num_params(),
     }
-    if finished == start_step:  # a finished run started again: report what it logged last
-        last = _last_logged(out / "metrics.jsonl")
+    if trained == 0:  # a finished run started again: report what it logged last
+        last = run.log.last()
         summary.update({k: last[k] for k in ("loss", "eval_loss", "tokens_per_s") if k in last})
     return summary
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
-    return cfg.lr * warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
-
-
-def warmup_cosine(step: int, steps: int, warmup: int, min_ratio: float = 0.0) -> float:
-    """LR multiplier at 0-based ``step``: (step + 1) / warmup, then a cosine from 1 to ``min_ratio``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min((step - warmup) / max(steps - warmup, 1), 1.0)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+def _datasets(cfg: TrainConfig) -> tuple[VisualSentences, VisualSentences]:
+    """Training sentences and the held-out ones (a separate shard folder, or a seeded split)."""
+    sentences = VisualSentences(cfg.data, cfg.views, cfg.kind, cfg.frames, seed=cfg.seed)
+    if not cfg.eval_data:
+        return sentences.split(cfg.eval_fraction, seed=cfg.seed)
+    eval_set = VisualSentences(cfg.eval_data, [], "single")
+    if eval_set.tokenizer_fingerprint != sentences.tokenizer_fingerprint:
+        raise DataError(f"{cfg.eval_data}: made by another tokenizer than {cfg.data}; tokenize both with the same one.")
+    return sentences, eval_set
 
 
 @torch.no_grad()
@@ -269,52 +348,6 @@ def evaluate(model: LVM, sentences: VisualSentences, context_len: int, batch_row
         count += targets.numel()
     model.train(was_training)
     return total / max(count, 1)
-
-
-def save_checkpoint(out: Path, model: LVM, optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig,
-                    data_info: dict, model_state: dict | None = None, optim_state: dict | None = None) -> Path:
-    """Write a complete checkpoint folder, then atomically point ``latest`` at it.
-
-    ``model_state``/``optim_state``: full (unsharded) state dicts when the model is FSDP-sharded.
-    """
-    final = out / f"ckpt-{step:06d}"
-    tmp = out / f".ckpt-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=model_state)
-    torch.save(optim_state if optim_state is not None else optimizer.state_dict(), tmp / OPTIM_FILE)
-    state = {"step": step, "torch_rng": torch.get_rng_state().tolist(), "train_config": asdict(cfg)}
-    (tmp / STATE_FILE).write_text(json.dumps(state))
-    (tmp / DATA_FILE).write_text(json.dumps(data_info, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    link_tmp = out / f".{LATEST}.tmp"
-    link_tmp.unlink(missing_ok=True)
-    link_tmp.symlink_to(final.name)
-    os.replace(link_tmp, out / LATEST)  # atomic: `latest` always names a complete checkpoint
-    kept = sorted(p for p in out.glob("ckpt-*") if p.is_dir())
-    for old in kept[: max(len(kept) - cfg.keep_checkpoints, 0)]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _load_checkpoint(path: Path, cfg: TrainConfig, data_info: dict, device: torch.device):
-    for name in (STATE_FILE, OPTIM_FILE, DATA_FILE):
-        if not (path / name).is_file():
-            raise FileNotFoundError(
-                f"{path / name} not found; the checkpoint is incomplete. Point --out elsewhere or pass --no-resume."
-            )
-    saved = json.loads((path / DATA_FILE).read_text())
-    if saved["tokenizer_fingerprint"] != data_info["tokenizer_fingerprint"]:
-        raise DataError(
-            f"{cfg.data} was tokenized by tokenizer {data_info['tokenizer_fingerprint']} but the checkpoint "
-            f"{path.resolve()} was trained on tokenizer {saved['tokenizer_fingerprint']}; re-tokenize with the "
-            "checkpoint's tokenizer, or train into a fresh --out."
-        )
-    model = LVM.from_pretrained(path, map_location=device)
-    optim_state = torch.load(path / OPTIM_FILE, map_location=device, weights_only=True)
-    state = json.loads((path / STATE_FILE).read_text())
-    torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
-    return model, optim_state, int(state["step"])
 
 
 def _full_states(model: LVM, optimizer: torch.optim.Optimizer, sharded: bool) -> tuple[dict | None, dict]:
@@ -338,59 +371,28 @@ def _load_optimizer_state(model: LVM, optimizer: torch.optim.Optimizer, state: d
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
-def _last_logged(path: Path) -> dict:
-    """The latest value of every metric in a metrics.jsonl (later records override earlier ones)."""
-    merged: dict = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                merged.update(json.loads(line))
-    return merged
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop records logged after the checkpoint, so the curve has no duplicate steps."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
-def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
-    norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
-    return torch.stack(norms).norm() if norms else torch.zeros(())
-
-
 def _check_config(cfg: TrainConfig, world: int) -> None:
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
-        raise ValueError("--steps, --batch-size and --grad-accum must all be >= 1.")
+        raise ConfigError("--steps, --batch-size and --grad-accum must all be >= 1.")
     if cfg.batch_size % (world * cfg.grad_accum):
-        raise ValueError(
+        raise ConfigError(
             f"--batch-size {cfg.batch_size} must be divisible by processes x grad_accum = {world} x {cfg.grad_accum}."
         )
     for name in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1.")
-    if cfg.precision not in PRECISIONS:
-        raise ValueError(f"--precision {cfg.precision!r} is not one of {', '.join(PRECISIONS)}.")
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1.")
+    if cfg.time_budget < 0:
+        raise ConfigError(f"--time-budget {cfg.time_budget} must be >= 0 minutes (0 = no budget).")
+    if cfg.kernels not in BACKENDS:
+        raise ConfigError(f"--kernels {cfg.kernels!r} is not one of {', '.join(BACKENDS)}.")
+    check_precision(cfg.precision)
 
 
-def _init_distributed() -> dict:
-    """Join the torchrun process group when launched by torchrun; a no-op otherwise."""
+def _init_distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank): joins the torchrun process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return {"rank": 0, "world": 1, "local_rank": 0}
+        return 0, 1, 0
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return {"rank": dist.get_rank(), "world": dist.get_world_size(), "local_rank": int(os.environ.get("LOCAL_RANK", 0))}
-
-
-def _pick_device(name: str, ctx: dict) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu.")
-        torch.cuda.set_device(ctx["local_rank"])
-        return torch.device("cuda", ctx["local_rank"])
-    return torch.device(name)
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))

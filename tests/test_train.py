@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lvm.train as train_mod
-from kernels.dispatch import cpu_has_fast_bf16, mixed_precision
+from lvm.runtime import cpu_has_fast_bf16, mixed_precision
 from lvm.data import DataError, PackedBatches
 from lvm.model import LVM
 from lvm.train import TrainConfig, TrainingDiverged, train
@@ -182,30 +182,78 @@ def test_incomplete_checkpoint_dir(cfg):
         train(cfg)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_torchrun_matches_single_process(cfg, tmp_path, mode):
-    """Two gloo processes with the same global batch follow the single-process loss curve; the
-    FSDP run is also stopped after its first step and resumed, from the full-state checkpoint it wrote."""
+@pytest.mark.parametrize("grad_accum", [1, 2])
+@pytest.mark.parametrize("mode", ["single", "ddp", "fsdp"])
+def test_parallel_modes_match_single_process(cfg, tmp_path, mode, grad_accum):
+    """{one process, two DDP processes, two FSDP2 processes} x {grad-accum 1, 2} all follow the loss curve
+    and weights of one process without accumulation (same global batch). The FSDP run is also stopped
+    after its first step and resumed, from the full-state checkpoint it wrote."""
     # fp32: bf16 matmuls round differently for 2 rows than for 4, and this test is about exact parity
     single = replace(cfg, steps=4, out=str(tmp_path / "single"), precision="fp32")
     train(single)
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-            "-m", "lvm.cli", "train", "--data", cfg.data, "--out", str(tmp_path / "ddp"), "--preset", "tiny",
-            "--context-len", "44", "--steps", "4", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "2",
-            "--eval-every", "4", "--ckpt-every", "4", "--log-every", "1", "--eval-rows", "4", "--eval-fraction", "0.1",
-            "--no-progress", "--precision", "fp32",
-            "--threads", "1", "--fsdp" if mode == "fsdp" else "--no-fsdp"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if mode == "fsdp":  # first 2 of the 4 steps, then a resumed run does the rest
-        first = subprocess.run([*args[:args.index("--steps") + 1], "4", *args[args.index("--steps") + 2:],
-                                "--max-minutes", "0.0001"], capture_output=True, text=True, timeout=240, env=env)
-        assert first.returncode == 0, first.stderr[-3000:]
-        assert len(_losses(str(tmp_path / "ddp"))) == 1  # stopped after one step by the time limit
-    args[args.index("--nproc_per_node=2") + 1] = f"--master_port={_free_port()}"  # the first run's may linger
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ours, ref = _losses(str(tmp_path / "ddp")), _losses(single.out)
+    run_dir = tmp_path / f"{mode}-{grad_accum}"
+    if mode == "single":
+        train(replace(single, out=str(run_dir), grad_accum=grad_accum))
+    else:
+        args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+                "-m", "lvm.cli", "train", "--data", cfg.data, "--out", str(run_dir), "--preset", "tiny",
+                "--context-len", "44", "--steps", "4", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "2",
+                "--eval-every", "4", "--ckpt-every", "4", "--log-every", "1", "--eval-rows", "4",
+                "--eval-fraction", "0.1", "--no-progress", "--precision", "fp32", "--grad-accum", str(grad_accum),
+                "--threads", "1", "--fsdp" if mode == "fsdp" else "--no-fsdp"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        port = args.index("--master_port=0")
+        if mode == "fsdp":  # one step under a tiny time budget, then a resumed run does the rest
+            args[port] = f"--master_port={_free_port()}"
+            first = subprocess.run([*args, "--time-budget", "0.0001"], capture_output=True, text=True, timeout=240,
+                                   env=env)
+            assert first.returncode == 0, first.stderr[-3000:]
+            assert len(_losses(str(run_dir))) == 1  # stopped after one step by the budget
+        args[port] = f"--master_port={_free_port()}"  # a fixed port can still be held by the previous run
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=240, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    ours, ref = _losses(str(run_dir)), _losses(single.out)
     assert [s for s, _ in ours] == [s for s, _ in ref]
     np.testing.assert_allclose([l for _, l in ours], [l for _, l in ref], rtol=1e-4, atol=1e-4)
-    a, b = _weights(str(tmp_path / "ddp")), _weights(single.out)
+    a, b = _weights(str(run_dir)), _weights(single.out)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_time_budget_fits_the_run_and_is_reproducible_from_its_step_count(cfg, tmp_path, monkeypatch):
+    """A budgeted run chooses its length during warmup; a run told that length reproduces it exactly."""
+    from functools import partial
+
+    from lvm.runtime import StepBudget
+
+    ticks = iter(range(10**6))  # a clock that advances 0.1 s per reading: the test does not depend on load
+    monkeypatch.setattr(train_mod, "StepBudget", partial(StepBudget, clock=lambda: 0.1 * next(ticks)))
+    budgeted = replace(cfg, steps=100_000, warmup_steps=6, time_budget=0.05, eval_every=1000, ckpt_every=1000,
+                       log_every=5)
+    first = train(budgeted)
+    assert not first["stopped_early"]
+    n = first["planned_steps"]
+    assert 6 <= n < 100_000 and first["steps"] == n
+    state = json.load(open(os.path.join(cfg.out, "latest", "trainer_state.json")))
+    assert state["planned_steps"] == n
+    fixed = train(replace(budgeted, steps=n, time_budget=0.0, out=str(tmp_path / "fixed")))
+    a, b = _weights(cfg.out), _weights(fixed["out"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_step_budget_decides_from_measured_steps():
+    from lvm.runtime import StepBudget
+
+    now = [0.0]
+    budget = StepBudget(100.0, max_steps=10_000, warmup=10, skip=2, margin=0.0, clock=lambda: now[0])
+    now[0] = 10.0  # setup and compilation
+    for done in range(1, 11):
+        now[0] += 5.0 if done <= 2 else 1.0  # the first two steps are slow (compile), then 1 s/step
+        decided = budget.observe(done)
+        assert decided == (done == 10)
+    # at done = 10: 28 s spent, 1 s/step measured over steps 3..10 -> 72 more steps
+    assert budget.steps == 82 and budget.fitted
+    assert not budget.out_of_time()
+    now[0] = 101.0
+    assert budget.out_of_time()
+    short = StepBudget(100.0, max_steps=50, warmup=2)  # a warmup too short to measure in: no fitting
+    assert short.decided and not short.fitted and short.steps == 50
