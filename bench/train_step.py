@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from lvm.config import LVMConfig
 from lvm.model import LVM, apply_rope
-from kernels.dispatch import cpu_has_fast_bf16, mixed_precision
+from lvm.runtime import cpu_has_fast_bf16, mixed_precision
 
 
 class PlainBlock(nn.Module):

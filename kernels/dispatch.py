@@ -1,18 +1,15 @@
 """The one switch that decides, per call, whether an op runs our Triton kernel or the torch path.
 
-Rules (DESIGN.md): ``auto`` picks Triton for CUDA tensors, Triton for CPU tensors when the
+Rules: ``auto`` picks Triton for CUDA tensors, Triton for CPU tensors when the
 Triton interpreter is on (``TRITON_INTERPRET=1`` set *before* ``kernels`` is imported, because
 Triton binds the interpreter at decoration time), and the torch path otherwise. The environment
 variable ``LVM_KERNELS=auto|torch|triton`` replaces the ``auto`` default for the whole process;
-an explicit ``backend=`` argument always wins.
-
-``mixed_precision`` makes the matching choice for number formats: the autocast context that the
-training loops and feature extraction use, bf16 only where the hardware is fast at it.
+an explicit ``backend=`` argument always wins. (Number formats, the autocast policy, are the
+training runtime's business: ``lvm.runtime.mixed_precision``.)
 """
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
 
 import torch
 
@@ -27,7 +24,6 @@ except Exception:  # pragma: no cover - depends on the machine
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 BACKENDS = ("auto", "torch", "triton")
-PRECISIONS = ("auto", "bf16", "fp32")
 ENV_VAR = "LVM_KERNELS"
 
 
@@ -66,28 +62,3 @@ def resolve_backend(backend: str | None, device: torch.device, op: str = "op") -
             "TRITON_INTERPRET=1 before importing kernels to run the kernels on CPU, or pass backend='torch'."
         )
     return backend
-
-
-def mixed_precision(device: torch.device, precision: str = "auto"):
-    """The autocast context for ``precision``; ``auto`` uses bf16 where the hardware multiplies it fast.
-
-    On CPUs with AMX tiles (Intel Sapphire Rapids and later) a bf16 matmul runs ~10x faster than
-    fp32 (measured 2.4 vs 0.23 TFLOP/s on 2 cores); elsewhere CPU bf16 is emulated, so fp32 stays.
-    Weights and optimizer state remain fp32 either way.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}.")
-    if precision == "fp32" or (precision == "auto" and device.type == "cpu" and not cpu_has_fast_bf16()):
-        return nullcontext()
-    if device.type not in ("cuda", "cpu"):
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU has AMX tiles (bf16 matmuls in hardware); torch exposes the probe privately."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    try:
-        return bool(probe()) if probe is not None else False
-    except Exception:  # pragma: no cover - a torch build without the probe
-        return False

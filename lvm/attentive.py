@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from tqdm.auto import tqdm
 
-from kernels.dispatch import mixed_precision
+from lvm.data import SpecialTokens, image_rows
 from lvm.model import LVM
-from lvm.train import warmup_cosine
+from lvm.runtime import EpochSampler, mixed_precision, param_groups, set_lr, warmup_cosine
 
 
 class AttentivePool(nn.Module):
@@ -80,19 +80,19 @@ class AttentiveClassifier(nn.Module):
 class FineTuneClassifier(nn.Module):
     """The LVM read up to ``layer`` on ``[BOS] image``, then an attentive head over the image's token states."""
 
-    def __init__(self, lvm: LVM, layer: int, tokens: int, classes: int, bos: int, heads: int | None = None) -> None:
+    def __init__(self, lvm: LVM, layer: int, tokens: int, classes: int, special: SpecialTokens,
+                 heads: int | None = None) -> None:
         super().__init__()
         self.backbone = copy.deepcopy(lvm)
         # Blocks past ``layer`` are never run; dropping them keeps the optimizer and checkpoints honest.
         self.backbone.blocks = self.backbone.blocks[:layer]
-        self.layer, self.bos = layer, bos
+        self.layer, self.special = layer, special
         self.classifier = AttentiveClassifier(lvm.config.d_model, tokens, classes, heads)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """``ids`` [B, T] image tokens (row-major) -> logits [B, classes]."""
-        seq = torch.cat([torch.full_like(ids[:, :1], self.bos), ids], dim=1)
-        states = self.backbone.hidden_states(seq, layers=[self.layer])[0]
-        return self.classifier(states[:, 1:])
+        states = self.backbone.hidden_states(image_rows(ids, self.special), layers=[self.layer])[0]
+        return self.classifier(states[:, 1:])  # [B, T, D]: the states at the image's tokens
 
 
 @dataclass
@@ -128,39 +128,27 @@ def train_classifier(
     perm = torch.randperm(n, generator=gen)
     n_val = max(1, int(round(n * cfg.val_fraction))) if n >= 10 else 0
     val, tr = perm[:n_val], perm[n_val:]
-    batch = min(cfg.batch_size, len(tr))
-    per_epoch = math.ceil(len(tr) / batch)
-    steps = max(1, min(cfg.max_steps, cfg.epochs * per_epoch))
+    sampler = EpochSampler(len(tr), cfg.batch_size, cfg.seed)
+    steps = max(1, min(cfg.max_steps, cfg.epochs * sampler.per_epoch))
     eval_at = set(np.linspace(0, steps, cfg.evals + 1, dtype=int)[1:].tolist())
-
-    backbone_ids = {id(p) for p in backbone.parameters()} if backbone is not None else set()
-    groups: dict[tuple[float, bool], list] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        lr = cfg.lr * (cfg.backbone_lr_scale if id(p) in backbone_ids else 1.0)
-        decay = p.ndim >= 2 and not name.endswith("pos")
-        groups.setdefault((lr, decay), []).append(p)
-    opt = torch.optim.AdamW([{"params": ps, "lr": lr, "initial_lr": lr, "weight_decay": cfg.weight_decay if d else 0.0}
-                             for (lr, d), ps in groups.items()])
+    # no decay on position tables and token embeddings; the backbone at lr * backbone_lr_scale
+    no_decay = [p for name, p in model.named_parameters() if name.endswith("pos")]
+    no_decay += [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+    scale = {id(p): cfg.backbone_lr_scale for p in backbone.parameters()} if backbone is not None else {}
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr, no_decay, scale))
     warmup = max(1, steps // 20)
     autocast = mixed_precision(next(model.parameters()).device, cfg.precision)
 
     best_acc, best_state = -1.0, None
     model.train()
-    order = torch.empty(0, dtype=torch.long)
     bar = tqdm(range(steps), desc=desc, unit="step", leave=False)
     for step in bar:
-        if len(order) < batch:
-            order = torch.cat([order, tr[torch.randperm(len(tr), generator=gen)]])
-        idx, order = order[:batch], order[batch:]
+        idx = tr[sampler.at(step)]
         x = inputs[idx]
         if flipped is not None:
             flip = torch.rand(len(idx), generator=gen) < 0.5
             x = torch.where(flip.view(-1, *([1] * (x.ndim - 1))), flipped[idx], x)
-        scale = warmup_cosine(step, steps, warmup)
-        for g in opt.param_groups:
-            g["lr"] = g["initial_lr"] * scale
+        set_lr(opt, warmup_cosine(step, steps, warmup))
         with autocast:
             loss = F.cross_entropy(model(x).float(), labels[idx], label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
@@ -203,11 +191,11 @@ def fit_attentive(
 
 
 def fine_tune(
-    lvm: LVM, ids: torch.Tensor, labels, layer: int, bos: int, cfg: HeadTrainConfig,
+    lvm: LVM, ids: torch.Tensor, labels, layer: int, special: SpecialTokens, cfg: HeadTrainConfig,
     flipped_ids: torch.Tensor | None = None, heads: int | None = None,
 ) -> tuple[FineTuneClassifier, float]:
     """Fine-tune a copy of ``lvm`` (blocks 1..layer) with an attentive head on image token ids ``[N, T]``."""
     torch.manual_seed(cfg.seed)
     classes = int(torch.as_tensor(labels).max()) + 1
-    model = FineTuneClassifier(lvm, layer, ids.shape[1], classes, bos, heads)
+    model = FineTuneClassifier(lvm, layer, ids.shape[1], classes, special, heads)
     return train_classifier(model, ids, labels, cfg, flipped=flipped_ids, backbone=model.backbone, desc="fine-tune")

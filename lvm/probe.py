@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm.auto import tqdm
 
-from kernels.dispatch import PRECISIONS, mixed_precision
 from lvm.checkpoint import load_model_and_tokenizer, require_same_tokenizer
 from lvm.data import SpecialTokens, image_rows
 from lvm.model import LVM
+from lvm.runtime import PRECISIONS, mixed_precision
 from tokenizer.images import ImageSet, load_images
 
 if TYPE_CHECKING:
@@ -197,7 +197,7 @@ def _probe_layer(label: str, model: LVM, layer: int, task: ProbeTask, cfg: Probe
         ft_train, ft_test = (ids.reshape(len(ids), -1).long() for ids in (task.train_ids, task.test_ids))  # [N, h*w]
         with _timed(clock, f"{label}: finetune"):
             rows += head_efficiency(label, "finetune", ft_train, task.train_labels, ft_test, task.test_labels, cfg,
-                                    lvm=model, layer=layer, bos=task.special.bos, flipped=task.flipped_ids)
+                                    lvm=model, layer=layer, special=task.special, flipped=task.flipped_ids)
     return rows
 
 
@@ -235,7 +235,7 @@ def extract_features(
     """Hidden states of each layer over each image's tokens, pooled to [N, F] (``tokens``: [N, h*w, D]).
 
     One forward pass serves every requested layer; an int ``layers`` returns one tensor, a list a
-    dict layer -> features. ``precision`` is the forward's autocast (see ``kernels.dispatch.mixed_precision``).
+    dict layer -> features. ``precision`` is the forward's autocast (see ``lvm.runtime.mixed_precision``).
     """
     model.eval()
     device = next(model.parameters()).device
@@ -372,10 +372,11 @@ def label_efficiency(
 
 def head_efficiency(
     name: str, method: str, x_train: torch.Tensor, y_train: np.ndarray, x_test: torch.Tensor, y_test: np.ndarray,
-    cfg: ProbeConfig, lvm: LVM | None = None, layer: int = 0, bos: int = 0, flipped: torch.Tensor | None = None,
+    cfg: ProbeConfig, lvm: LVM | None = None, layer: int = 0, special: SpecialTokens | None = None,
+    flipped: torch.Tensor | None = None,
 ) -> list[dict]:
     """``label_efficiency`` for the trained heads: ``attentive`` on frozen token states ``[N, T, D]``,
-    ``finetune`` on token ids ``[N, T]`` (needs ``lvm``, ``layer``, ``bos``)."""
+    ``finetune`` on token ids ``[N, T]`` (needs ``lvm``, ``layer``, ``special``)."""
     from lvm.attentive import HeadTrainConfig, accuracy, fine_tune, fit_attentive
 
     y_train_t, y_test_t = torch.from_numpy(y_train), torch.from_numpy(y_test)
@@ -390,7 +391,7 @@ def head_efficiency(
         if attentive:
             clf, val = fit_attentive(x_train[idx], y_train_t[idx], train_cfg)
         else:
-            clf, val = fine_tune(lvm, x_train[idx], y_train_t[idx], layer, bos, train_cfg,
+            clf, val = fine_tune(lvm, x_train[idx], y_train_t[idx], layer, special, train_cfg,
                                  flipped_ids=None if flipped is None else flipped[idx])
         return accuracy(clf, x_test, y_test_t, cfg.precision), val
 

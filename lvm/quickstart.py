@@ -45,7 +45,7 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     from lvm.probe import ProbeConfig, run_probe
     from lvm.train import TrainConfig, train
     from tokenizer.shards import TokenizeConfig, read_token_shards, run_tokenize
-    from tokenizer.train import TokenizerTrainConfig, train_tokenizer
+    from lvm.tokenizer_train import TokenizerTrainConfig, train_tokenizer
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

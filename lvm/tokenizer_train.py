@@ -1,15 +1,16 @@
 """Train the visual tokenizer, then measure it on held-out images and save it.
 
 ``train_tokenizer(TokenizerTrainConfig(...))`` is the whole pipeline: load images, train the
-autoencoder with L1 + L2 reconstruction loss (AdamW, warmup + cosine), log JSONL metrics,
-evaluate (PSNR, codebook usage, perplexity, encode throughput), write ``eval.json``,
-``recon.png``, ``train_config.json`` and the tokenizer files into ``out_dir``.
+autoencoder with L1 + L2 reconstruction loss on the shared runtime (``lvm.runtime``: AdamW groups,
+warmup + cosine, epoch sampler, JSONL metrics, checkpoints with exact resume, an optional time
+budget), evaluate (PSNR, codebook usage, perplexity, encode throughput), write ``eval.json``,
+``recon.png``, ``train_config.json`` and the tokenizer files into ``out_dir``. It lives beside the
+other trainers so that the tokenizer package (model, images, shards) never imports upwards.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,13 +22,17 @@ from einops import rearrange
 from PIL import Image
 from tqdm import tqdm
 
-from kernels.dispatch import mixed_precision
+from lvm.runtime import (
+    Checkpointer, ConfigError, EpochSampler, MetricsLog, StepBudget, mixed_precision, param_groups, pick_device,
+    set_lr, warmup_cosine,
+)
+from tokenizer.atomic import write_json_atomic
 from tokenizer.metrics import code_perplexity, codebook_usage, psnr, psnr_per_image
 from tokenizer.model import Tokenizer, TokenizerConfig
 
-STATE_NAME = "train_state.pt"
+STATE_NAME = "state.pt"  # model + optimizer inside each checkpoint folder
 
-if TYPE_CHECKING:  # images.py is the lead's module; only its ImageSet shape (.images uint8 [N,H,W,C]) is used.
+if TYPE_CHECKING:
     from tokenizer.images import ImageSet
 
 
@@ -74,8 +79,9 @@ class TokenizerTrainConfig:
     periodic_eval_images: int = 1000
     recon_examples: int = 16
     progress: bool = True
-    checkpoint_every: int = 200  # write train_state.pt every this many steps (0 = never)
-    resume: bool = True  # continue from out_dir/train_state.pt when it exists
+    checkpoint_every: int = 200  # write a resumable checkpoint (out_dir/ckpt-*/) every this many steps (0 = never)
+    resume: bool = True  # continue from out_dir/latest when it exists
+    time_budget: float = 0.0  # minutes; > 0: the step count (<= steps) that fits, decided during warmup
 
     def model_config(self, image_size: int, channels: int) -> TokenizerConfig:
         """The TokenizerConfig this run trains, with the data's size/channels filled in where 0."""
@@ -109,34 +115,36 @@ def _train(cfg: TokenizerTrainConfig, train_set, eval_set) -> Tokenizer:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    device = _resolve_device(cfg.device)
+    device = pick_device(cfg.device)
     if device.type == "cpu" and cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
 
     train_u8, eval_u8 = _load_data(cfg, train_set, eval_set)  # uint8 [N, C, H, W] each
     mcfg = cfg.model_config(image_size=train_u8.shape[-1], channels=train_u8.shape[1])
-    model = Tokenizer(mcfg).to(device)
-    (out / "train_config.json").write_text(
-        json.dumps({"train": asdict(cfg), "model": mcfg.to_dict(), "device": str(device)}, indent=2) + "\n"
-    )
+    try:
+        model = Tokenizer(mcfg).to(device)
+    except ValueError as err:  # the model's own shape checks: a configuration the user chose
+        raise ConfigError(f"tokenizer settings: {err}") from None
+    write_json_atomic(out / "train_config.json", {"train": asdict(cfg), "model": mcfg.to_dict(), "device": str(device)})
     eval_u8 = _check_images(eval_u8, mcfg, "eval")
     train_u8 = _check_images(train_u8, mcfg, "train")
 
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr), lr=cfg.lr, betas=(0.9, 0.99))
     autocast = mixed_precision(device, cfg.precision)
-    batches = EpochBatches(len(train_u8), cfg.batch_size, cfg.seed)
-    start, prior_s = _maybe_resume(cfg, model, opt, out / STATE_NAME)
-    log = _open_log(out / "metrics.jsonl", keep_up_to=start)
-    bar = tqdm(range(start + 1, cfg.steps + 1), desc="tokenizer", disable=not cfg.progress, dynamic_ncols=True)
+    sampler = EpochSampler(len(train_u8), cfg.batch_size, cfg.seed)
+    ckpt = Checkpointer(out, max(cfg.checkpoint_every, 1), keep=1, enabled=cfg.checkpoint_every > 0)
+    start, prior_s, planned = _resume(cfg, ckpt, model, opt)
+    budget = StepBudget(cfg.time_budget * 60, cfg.steps, cfg.warmup_steps, planned=planned)
+    log = MetricsLog(out / "metrics.jsonl", resume_step=start)
+    bar = tqdm(total=budget.steps, initial=start, desc="tokenizer", disable=not cfg.progress, dynamic_ncols=True)
     step_times: list[float] = []
     t_start = time.perf_counter() - prior_s
     model.train()
-    for step in bar:
+    step = start
+    while step < budget.steps:
         t0 = time.perf_counter()
-        lr = _lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        x = train_u8[batches.at(step)].to(device, torch.float32) / 255.0  # [B, C, H, W] in [0, 1]
+        lr = set_lr(opt, warmup_cosine(step, budget.steps, cfg.warmup_steps, cfg.min_lr_ratio))
+        x = train_u8[sampler.at(step)].to(device, torch.float32) / 255.0  # [B, C, H, W] in [0, 1]
         with autocast:  # FSQ quantizes in fp32 whatever the autocast (force_quantization_f32)
             recon, _, aux = model(x)  # recon in [-1, 1] space
         err = recon.float() - (x * 2 - 1)
@@ -146,22 +154,29 @@ def _train(cfg: TokenizerTrainConfig, train_set, eval_set) -> Tokenizer:
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
         opt.step()
+        step += 1
         step_times.append(time.perf_counter() - t0)
+        if budget.observe(step, prior_s):
+            bar.total = budget.steps
+        out_of_time = budget.out_of_time(prior_s)
 
-        if step % cfg.log_every == 0 or step == 1 or step == cfg.steps:
+        if step % cfg.log_every == 0 or step == 1 or step == budget.steps or out_of_time:
             rec = {
                 "step": step, "loss": loss.item(), "l1": l1.item(), "l2": l2.item(), "aux": aux.item(), "lr": lr,
                 "grad_norm": None if gnorm is None else gnorm.item(),
                 "step_time_s": step_times[-1], "elapsed_s": time.perf_counter() - t_start,
             }
-            _write(log, rec)
+            log.write(rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}")
-        if cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != cfg.steps:
+        if cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != budget.steps:
             ev = evaluate(model, eval_u8[: cfg.periodic_eval_images])
-            _write(log, {"step": step, **{f"eval_{k}": v for k, v in ev.items()}})
+            log.write({"step": step, **{f"eval_{k}": v for k, v in ev.items()}})
             model.train()
-        if cfg.checkpoint_every > 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-            _save_state(out / STATE_NAME, cfg, model, opt, step, time.perf_counter() - t_start)
+        bar.update(1)
+        if ckpt.due(step, budget.steps) or out_of_time:
+            _save(ckpt, cfg, model, opt, step, time.perf_counter() - t_start, budget)
+        if out_of_time:
+            break
     train_wall = time.perf_counter() - t_start
     bar.close()
 
@@ -169,17 +184,18 @@ def _train(cfg: TokenizerTrainConfig, train_set, eval_set) -> Tokenizer:
     result = evaluate(model, eval_u8)
     result.update(
         n_eval=len(eval_u8), n_train=len(train_u8), vocab_size=model.vocab_size, grid=list(model.grid),
-        tokens_per_image=model.grid[0] * model.grid[1], steps=cfg.steps, batch_size=cfg.batch_size,
-        train_wall_s=train_wall, step_time_s_median=float(np.median(step_times)) if step_times else None,
+        tokens_per_image=model.grid[0] * model.grid[1], steps=step, planned_steps=budget.steps,
+        batch_size=cfg.batch_size, train_wall_s=train_wall,
+        step_time_s_median=float(np.median(step_times)) if step_times else None,
         encode_images_per_s=encode_throughput(model, eval_u8), encode_device=str(device),
         threads=torch.get_num_threads(), torch_version=torch.__version__,
     )
-    _write(log, {"step": cfg.steps, **{f"eval_{k}": result[k] for k in ("psnr_db", "codebook_usage", "perplexity")}})
+    log.write({"step": step, **{f"eval_{k}": result[k] for k in ("psnr_db", "codebook_usage", "perplexity")}})
     log.close()
     save_recon_grid(model, eval_u8[: cfg.recon_examples], out / "recon.png")
     model.save_pretrained(out)
     result["fingerprint"] = model.fingerprint
-    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json_atomic(out / "eval.json", result)
     return model
 
 
@@ -258,7 +274,7 @@ def _load_data(cfg: TokenizerTrainConfig, train_set, eval_set) -> tuple[torch.Te
         return train, _to_nchw(eval_set.images, "eval")
     n_hold = min(cfg.eval_holdout, len(train) // 2)
     if n_hold <= 0:
-        raise ValueError(f"eval_holdout={cfg.eval_holdout} with {len(train)} training images leaves nothing to evaluate.")
+        raise ConfigError(f"eval_holdout={cfg.eval_holdout} with {len(train)} training images leaves nothing to evaluate.")
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + 1))
     return train[perm[n_hold:]], train[perm[:n_hold]]
 
@@ -274,105 +290,51 @@ def _to_nchw(images: np.ndarray, which: str) -> torch.Tensor:
 def _check_images(x: torch.Tensor, mcfg: TokenizerConfig, which: str) -> torch.Tensor:
     want = (mcfg.channels, mcfg.image_size, mcfg.image_size)
     if tuple(x.shape[1:]) != want:
-        raise ValueError(
+        raise ConfigError(
             f"{which} images are {tuple(x.shape[1:])} (C, H, W) but the tokenizer expects {want}; "
             "set image_size/channels so load_images resizes them, or leave them 0 to follow the data."
         )
     if len(x) == 0:
-        raise ValueError(f"no {which} images were loaded; check the data source and split.")
+        raise ConfigError(f"no {which} images were loaded; check the data source and split.")
     return x
 
 
-class EpochBatches:
-    """Index batch for any step: a fresh seeded permutation per epoch, so a resumed run sees the same data."""
+def _save(ckpt: Checkpointer, cfg: TokenizerTrainConfig, model: Tokenizer, opt, step: int, elapsed_s: float,
+          budget: StepBudget) -> None:
+    def write(folder: Path) -> None:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, folder / STATE_NAME)
 
-    def __init__(self, n: int, batch_size: int, seed: int) -> None:
-        if batch_size <= 0:
-            raise ValueError(f"batch_size={batch_size}; use a positive batch size.")
-        self.n, self.batch_size, self.seed = n, min(batch_size, n), seed
-        self.per_epoch = n // self.batch_size  # the ragged tail of each epoch is dropped
-        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
-
-    def at(self, step: int) -> torch.Tensor:
-        """Indices ``[batch_size]`` for 1-based ``step``."""
-        epoch, pos = divmod(step - 1, self.per_epoch)
-        if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen)
-        return self._perm[pos * self.batch_size : (pos + 1) * self.batch_size]
+    ckpt.save(step, write, {"elapsed_s": elapsed_s, "config": _run_identity(cfg),
+                            "planned_steps": budget.steps if budget.fitted else None})
 
 
-def _save_state(path: Path, cfg: TokenizerTrainConfig, model, opt, step: int, elapsed_s: float) -> None:
-    """Write the resume state atomically (temp file, then rename)."""
-    state = {"step": step, "elapsed_s": elapsed_s, "config": _run_identity(cfg),
-             "model": model.state_dict(), "optimizer": opt.state_dict()}
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def _maybe_resume(cfg: TokenizerTrainConfig, model, opt, path: Path) -> tuple[int, float]:
-    """(step to continue after, seconds already spent); (0, 0) for a fresh run."""
-    if not (cfg.resume and path.is_file()):
-        return 0, 0.0
-    state = torch.load(path, map_location=model.device, weights_only=True)
+def _resume(cfg: TokenizerTrainConfig, ckpt: Checkpointer, model: Tokenizer, opt) -> tuple[int, float, int | None]:
+    """(steps done, seconds already spent, planned step count) of the run in ``out_dir``; zeros when fresh."""
+    found = ckpt.resume(required=(STATE_NAME,)) if cfg.resume else None
+    if found is None:
+        return 0, 0.0, None
+    folder, state = found
     if state["config"] != _run_identity(cfg):
-        raise ValueError(
-            f"{path} was written by a run with different settings ({state['config']}); "
-            "use another out_dir, delete that file, or pass resume=False to start over."
+        changed = sorted(k for k in state["config"] if state["config"][k] != _run_identity(cfg).get(k))
+        raise ConfigError(
+            f"{folder} was written by a run with other settings ({', '.join(changed)} differ); "
+            "use another out_dir, or pass resume=False (CLI: --no-resume) to start over."
         )
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    return int(state["step"]), float(state["elapsed_s"])
+    saved = torch.load(folder / STATE_NAME, map_location=model.device, weights_only=True)
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["optimizer"])
+    return int(state["step"]), float(state["elapsed_s"]), state.get("planned_steps")
 
 
 def _run_identity(cfg: TokenizerTrainConfig) -> dict:
     """The settings a resumed run must share with the run that wrote the state."""
-    skip = {"out_dir", "progress", "resume", "checkpoint_every", "log_every", "eval_every", "recon_examples"}
+    skip = {"out_dir", "progress", "resume", "checkpoint_every", "log_every", "eval_every", "recon_examples",
+            "time_budget"}
     return {k: v for k, v in asdict(cfg).items() if k not in skip}
-
-
-def _open_log(path: Path, keep_up_to: int):
-    """Open metrics.jsonl: fresh for a new run, trimmed to ``step <= keep_up_to`` when resuming."""
-    kept = []
-    if keep_up_to > 0 and path.is_file():
-        kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= keep_up_to]
-    f = path.open("w")
-    for ln in kept:
-        f.write(ln + "\n")
-    return f
-
-
-def _lr_at(step: int, cfg: TokenizerTrainConfig) -> float:
-    """Linear warmup then cosine decay to ``lr * min_lr_ratio``."""
-    if step <= cfg.warmup_steps:
-        return cfg.lr * step / max(cfg.warmup_steps, 1)
-    t = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay conv weights only: decaying norm gains and biases just fights the normalisation."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but CUDA is not available; use device='cpu' or 'auto'.")
-    return torch.device(device)
 
 
 def _int_list(text: str, name: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in str(text).replace(" ", "").split(",") if v)
     except ValueError:
-        raise ValueError(f"{name}={text!r}; give comma-separated integers, e.g. '32,64,64'.") from None
-
-
-def _write(f, rec: dict) -> None:
-    f.write(json.dumps(rec) + "\n")
-    f.flush()
+        raise ConfigError(f"--{name.replace('_', '-')} {text!r}: give comma-separated integers, e.g. '32,64,64'.") from None

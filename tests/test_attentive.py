@@ -70,7 +70,7 @@ def test_fine_tune_trains_a_copy_and_learns(tiny_pipeline):
     labels = torch.from_numpy(data["labels"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = HeadTrainConfig(epochs=30, max_steps=150, batch_size=16, lr=3e-3, backbone_lr_scale=0.3)
-    clf, val = fine_tune(model, ids[:90], labels[:90], layer=1, bos=SpecialTokens(tok.vocab_size).bos, cfg=cfg,
+    clf, val = fine_tune(model, ids[:90], labels[:90], layer=1, special=SpecialTokens(tok.vocab_size), cfg=cfg,
                          flipped_ids=ids[:90].flip(0))
     assert len(clf.backbone.blocks) == 1  # only what layer 1 needs is kept and trained
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the LVM itself is untouched

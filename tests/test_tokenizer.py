@@ -9,7 +9,7 @@ import torch
 from tokenizer.images import ImageSet
 from tokenizer.metrics import code_perplexity, codebook_usage, psnr, psnr_per_image
 from tokenizer.model import CONFIG_NAME, WEIGHTS_NAME, Tokenizer, TokenizerConfig
-from tokenizer.train import TokenizerTrainConfig, train_tokenizer
+from lvm.tokenizer_train import TokenizerTrainConfig, train_tokenizer
 
 TINY = dict(image_size=16, channels=1, patch_size=1, widths=(8, 16), fsq_levels=(4, 3, 3))  # 8x8 grid, 36 codes
 
@@ -251,7 +251,7 @@ def test_holdout_split_when_no_eval_split(tmp_path):
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    import tokenizer.train as tt
+    import lvm.tokenizer_train as tt
 
     images = blobs(48, seed=3)
     train = ImageSet(images=images[:32], labels=None, class_names=None, source="synthetic")
@@ -265,18 +265,18 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
 
     straight = train_tokenizer(cfg("a"), train_set=train, eval_set=held)
 
-    real_lr = tt._lr_at
+    real_lr = tt.warmup_cosine
 
-    def crash_at_6(step, c):
-        if step == 6:
+    def crash_at_6(step, *args):
+        if step == 5:  # 0-based: the sixth step
             raise KeyboardInterrupt
-        return real_lr(step, c)
+        return real_lr(step, *args)
 
-    monkeypatch.setattr(tt, "_lr_at", crash_at_6)
+    monkeypatch.setattr(tt, "warmup_cosine", crash_at_6)
     with pytest.raises(KeyboardInterrupt):
         train_tokenizer(cfg("b"), train_set=train, eval_set=held)
     assert not (tmp_path / "b" / "eval.json").exists()
-    monkeypatch.setattr(tt, "_lr_at", real_lr)
+    monkeypatch.setattr(tt, "warmup_cosine", real_lr)
     resumed = train_tokenizer(cfg("b"), train_set=train, eval_set=held)
     assert resumed.fingerprint == straight.fingerprint
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
