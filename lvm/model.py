@@ -12,9 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -224,28 +221,18 @@ class LVM(nn.Module):
         """
         from safetensors.torch import save_file
 
-        target = Path(directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            state = {  # ``state_dict``: a full one gathered from a sharded (FSDP) model, if given
-                name: t.detach().to("cpu").contiguous()
-                for name, t in (state_dict if state_dict is not None else self.state_dict()).items()
-                if not (self.config.tie_embeddings and name == "head.weight")  # same memory as tok_emb.weight
-            }
+        from tokenizer.atomic import atomic_path
+
+        state = {  # ``state_dict``: a full one gathered from a sharded (FSDP) model, if given
+            name: t.detach().to("cpu").contiguous()
+            for name, t in (state_dict if state_dict is not None else self.state_dict()).items()
+            if not (self.config.tie_embeddings and name == "head.weight")  # same memory as tok_emb.weight
+        }
+        with atomic_path(directory) as tmp:
+            tmp.mkdir()
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             (tmp / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-            if target.exists():
-                old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(target, old)
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return target
+        return Path(directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "LVM":
@@ -404,14 +391,23 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
     """Causal attention inside consecutive blocks of ``segment_len`` tokens of q, k, v [B, H, T, Dh].
 
     On the Triton path the kernel takes sentence ids (position // segment_len) and skips the tiles
-    between sentences, so nothing is padded or copied. The torch path makes the blocks batch rows
-    (SDPA's fast causal kernel, no [T, T] mask); a short last block is padded at its end, where the
-    causal mask hides the padded keys from every real query.
+    between sentences, so nothing is padded or copied (bench/segment_attention.py measures both
+    routes). The torch path keeps the blocks-as-rows route: SDPA's fast causal kernel needs no mask.
     """
     t = q.shape[2]
     if resolve_backend("auto", q.device, "flash_attention") == "triton":
         segment_ids = (torch.arange(t, device=q.device) // segment_len).expand(q.shape[0], t)  # [B, T]
         return flash_attention(q, k, v, causal=True, segment_ids=segment_ids)
+    return segment_attention_as_rows(q, k, v, segment_len)
+
+
+def segment_attention_as_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_len: int) -> torch.Tensor:
+    """The blocks become batch rows, so any causal attention kernel serves.
+
+    A short last block is padded at its end; padded keys sit after every real query of that
+    block, so the causal mask hides them.
+    """
+    t = q.shape[2]
     pad = -t % segment_len
     if pad:
         q, k, v = (F.pad(z, (0, 0, 0, pad)) for z in (q, k, v))

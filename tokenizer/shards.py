@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tokenizer.atomic import atomic_path, write_json_atomic
 from tokenizer.images import ImageSet, load_images, transform_images
 
 META_FILE = "meta.json"
@@ -79,9 +80,11 @@ def write_token_shards(
     identity that decides whether existing shards can be reused.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if batch_size < 1:
         raise ShardError(f"batch_size={batch_size} must be >= 1.")
+    if out.exists() and not out.is_dir():
+        raise ShardError(f"{out}: is a file, not a shard folder; choose another output folder (CLI: --out).")
+    out.mkdir(parents=True, exist_ok=True)
     n = len(images)
     h, w = (int(x) for x in tokenizer.grid)
     dtype = token_dtype(int(tokenizer.vocab_size))
@@ -97,10 +100,10 @@ def write_token_shards(
 
     meta_path = out / META_FILE
     if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if all(meta.get(k) == v for k, v in identity.items()) and not overwrite:
-            return meta  # already finished with the same tokenizer and images
         if not overwrite:
+            meta = _read_meta(meta_path)
+            if all(meta.get(k) == v for k, v in identity.items()):
+                return meta  # already finished with the same tokenizer and images
             raise ShardError(
                 f"{out}: already holds token shards of another tokenizer or image set "
                 f"({meta.get('source')}, tokenizer {meta.get('tokenizer_fingerprint')}); "
@@ -122,21 +125,20 @@ def write_token_shards(
                 raise ShardError(f"tokenizer returned ids of shape {ids.shape}, expected {(stop - start, h, w)}.")
             tokens[start:stop] = ids.astype(dtype, copy=False)
             tokens.flush()  # data first, then the progress record that vouches for it
-            _write_json_atomic(out / PROGRESS_FILE, {**identity, "done": stop})
+            write_json_atomic(out / PROGRESS_FILE, {**identity, "done": stop})
             bar.update(stop - start)
     bar.close()
     del tokens
 
+    # Not atomic_path: the partial file keeps its fixed name across interrupted runs, so a re-run resumes it.
     os.replace(out / PARTIAL_FILE, out / TOKENS_FILE)
     meta = {**identity, "tokens_file": TOKENS_FILE, "labels_file": None, "class_names": images.class_names,
             **(extra_meta or {})}
     if images.labels is not None:
-        tmp = out / (LABELS_FILE + ".tmp")
-        with open(tmp, "wb") as f:
+        with atomic_path(out / LABELS_FILE) as tmp, open(tmp, "wb") as f:  # a file object: np.save adds no suffix
             np.save(f, np.asarray(images.labels, dtype=np.int64))
-        os.replace(tmp, out / LABELS_FILE)
         meta["labels_file"] = LABELS_FILE
-    _write_json_atomic(meta_path, meta)
+    write_json_atomic(meta_path, meta)
     (out / PROGRESS_FILE).unlink(missing_ok=True)
     return meta
 
@@ -152,7 +154,7 @@ def read_token_shards(path: str | os.PathLike) -> TokenShards:
             else "create it with 'lvm tokenize'"
         )
         raise ShardError(f"{path}: not a token shard folder (no {META_FILE}); {hint}.")
-    meta = json.loads(meta_path.read_text())
+    meta = _read_meta(meta_path)
     tokens_path = path / meta.get("tokens_file", TOKENS_FILE)
     h, w = meta["grid"]
     expected = meta["count"] * h * w * np.dtype(meta["dtype"]).itemsize
@@ -196,7 +198,7 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
         images.source = f"{images.source}|{cfg.transform}"
     extra = {"tokenizer_path": str(Path(cfg.tokenizer).resolve())}
     meta = write_token_shards(tok, images, cfg.out, cfg.batch_size, cfg.overwrite, extra_meta=extra)
-    _write_json_atomic(Path(cfg.out) / "tokenize_config.json", asdict(cfg))
+    write_json_atomic(Path(cfg.out) / "tokenize_config.json", asdict(cfg))
     return meta
 
 
@@ -213,13 +215,16 @@ def _resume_point(out: Path, identity: dict, overwrite: bool) -> int:
     return int(record["done"])
 
 
+def _read_meta(meta_path: Path) -> dict:
+    try:
+        return json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ShardError(
+            f"{meta_path}: not valid JSON ({err}); the shards are damaged, re-run 'lvm tokenize' with --overwrite."
+        ) from err
+
+
 def _hash_images(images: np.ndarray) -> str:
     digest = hashlib.sha256(str(images.shape).encode())
     digest.update(np.ascontiguousarray(images).data)
     return digest.hexdigest()[:16]
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
