@@ -24,10 +24,20 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from vector_quantize_pytorch import FSQ, VectorQuantize
 
+from tokenizer.atomic import atomic_path, write_json_atomic
+
 WEIGHTS_NAME = "tokenizer.safetensors"
 CONFIG_NAME = "tokenizer.json"
 FORMAT_VERSION = 1
 QUANTIZERS = ("fsq", "vq")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer config or folder that cannot be used; the message names it and the fix."""
+
+
+class TokenizerNotFound(TokenizerError, FileNotFoundError):
+    """A tokenizer folder without its files; also a FileNotFoundError for callers that catch that."""
 
 
 @dataclass
@@ -53,22 +63,22 @@ class TokenizerConfig:
         self.widths = tuple(int(w) for w in self.widths)
         self.fsq_levels = tuple(int(x) for x in self.fsq_levels)
         if self.quantizer not in QUANTIZERS:
-            raise ValueError(f"TokenizerConfig.quantizer={self.quantizer!r}; pick one of {QUANTIZERS}.")
+            raise TokenizerError(f"TokenizerConfig.quantizer={self.quantizer!r}; pick one of {QUANTIZERS}.")
         if self.channels not in (1, 3):
-            raise ValueError(f"TokenizerConfig.channels={self.channels}; use 1 (grey) or 3 (RGB).")
+            raise TokenizerError(f"TokenizerConfig.channels={self.channels}; use 1 (grey) or 3 (RGB).")
         if not self.widths or any(w <= 0 for w in self.widths):
-            raise ValueError(f"TokenizerConfig.widths={self.widths}; give one positive width per resolution.")
+            raise TokenizerError(f"TokenizerConfig.widths={self.widths}; give one positive width per resolution.")
         if self.patch_size < 1:
-            raise ValueError(f"TokenizerConfig.patch_size={self.patch_size}; use 1 (no patching) or more.")
+            raise TokenizerError(f"TokenizerConfig.patch_size={self.patch_size}; use 1 (no patching) or more.")
         factor = self.patch_size * 2**self.downsamplings
         if self.image_size % factor:
-            raise ValueError(
+            raise TokenizerError(
                 f"TokenizerConfig.image_size={self.image_size} is not divisible by patch_size * 2**downsamplings = "
                 f"{self.patch_size} * 2**{self.downsamplings} = {factor}; change image_size, patch_size or the "
                 "number of widths."
             )
         if self.quantizer == "fsq" and (not self.fsq_levels or min(self.fsq_levels) < 2):
-            raise ValueError(f"TokenizerConfig.fsq_levels={self.fsq_levels}; each level must be >= 2.")
+            raise TokenizerError(f"TokenizerConfig.fsq_levels={self.fsq_levels}; each level must be >= 2.")
 
     @property
     def downsamplings(self) -> int:
@@ -97,7 +107,7 @@ class TokenizerConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown TokenizerConfig fields {unknown}; known fields are {sorted(known)}.")
+            raise TokenizerError(f"unknown TokenizerConfig fields {unknown}; known fields are {sorted(known)}.")
         return cls(**d)
 
 
@@ -178,7 +188,7 @@ class Tokenizer(nn.Module):
         return h.hexdigest()[:16]
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``tokenizer.safetensors`` + ``tokenizer.json`` (written to temp names, then renamed)."""
+        """Write ``tokenizer.safetensors`` + ``tokenizer.json``, each atomically (a crash leaves no half file)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
@@ -193,11 +203,9 @@ class Tokenizer(nn.Module):
             "normalisation": {"input_range": [0.0, 1.0], "mean": 0.5, "std": 0.5},
             "fingerprint": self.fingerprint,
         }
-        tmp_w, tmp_c = directory / (WEIGHTS_NAME + ".tmp"), directory / (CONFIG_NAME + ".tmp")
-        save_file(tensors, str(tmp_w), metadata={"fingerprint": meta["fingerprint"]})
-        tmp_c.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp_w, directory / WEIGHTS_NAME)
-        os.replace(tmp_c, directory / CONFIG_NAME)
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:
+            save_file(tensors, str(tmp), metadata={"fingerprint": meta["fingerprint"]})
+        write_json_atomic(directory / CONFIG_NAME, meta)
         return directory
 
     @classmethod
@@ -206,25 +214,32 @@ class Tokenizer(nn.Module):
         directory = Path(directory)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (directory / name).is_file():
-                raise FileNotFoundError(
+                raise TokenizerNotFound(
                     f"{directory / name} not found; point to a directory written by Tokenizer.save_pretrained "
-                    f"(it holds {CONFIG_NAME} and {WEIGHTS_NAME}), e.g. the out_dir of train_tokenizer."
+                    f"(it holds {CONFIG_NAME} and {WEIGHTS_NAME}), e.g. the --out-dir of 'lvm tokenizer-train'."
                 )
-        meta = json.loads((directory / CONFIG_NAME).read_text())
-        if "config" not in meta:
-            raise ValueError(f"{directory / CONFIG_NAME} has no 'config' entry; re-save the tokenizer.")
-        model = cls(TokenizerConfig.from_dict(meta["config"]))
+        try:
+            meta = json.loads((directory / CONFIG_NAME).read_text())
+        except json.JSONDecodeError as err:
+            raise TokenizerError(f"{directory / CONFIG_NAME} is not valid JSON ({err}); re-save the tokenizer.") from err
+        if not isinstance(meta, dict) or "config" not in meta:
+            raise TokenizerError(f"{directory / CONFIG_NAME} has no 'config' entry; re-save the tokenizer.")
+        try:
+            config = TokenizerConfig.from_dict(meta["config"])
+        except TokenizerError as err:
+            raise TokenizerError(f"{directory / CONFIG_NAME}: {err}") from err
+        model = cls(config)
         state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(
+            raise TokenizerError(
                 f"{directory / WEIGHTS_NAME} does not match {directory / CONFIG_NAME}: missing {missing}, "
                 f"unexpected {unexpected}; the two files come from different tokenizers."
             )
         model.to(map_location).eval()
         stored = meta.get("fingerprint")
         if stored is not None and stored != model.fingerprint:
-            raise ValueError(
+            raise TokenizerError(
                 f"fingerprint in {directory / CONFIG_NAME} ({stored}) does not match the weights "
                 f"({model.fingerprint}); the files were modified or mixed up. Re-save the tokenizer."
             )
