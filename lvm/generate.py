@@ -18,7 +18,8 @@ from lvm.checkpoint import CheckpointMismatch, load_model_and_tokenizer  # noqa:
 from lvm.data import SpecialTokens, visual_sentence
 from lvm.model import LVM
 from lvm.report import save_image_grid
-from tokenizer.images import load_images, transform_images
+from lvm.runtime import ConfigError
+from tokenizer.images import ImageSourceError, load_images, transform_images
 
 
 @dataclass
@@ -44,12 +45,16 @@ class GenerateConfig:
 
 def generate(cfg: GenerateConfig) -> dict:
     """The ``lvm generate`` entry point: writes a PNG grid (prompt | samples) and the token ids."""
+    _check_config(cfg)
     model, tok, ckpt = load_model_and_tokenizer(cfg.checkpoint, cfg.tokenizer)
     need = cfg.prompts * cfg.prompt_images
     images = load_images(cfg.source, cfg.split, size=tok.config.image_size, channels=tok.config.channels,
                          limit=cfg.first + need).images[cfg.first :]
     if len(images) < need:
-        raise ValueError(f"{cfg.source}: {len(images)} images after --first {cfg.first}, need {need} for the prompts.")
+        raise ImageSourceError(
+            f"{cfg.source}: {len(images)} images after --first {cfg.first}, need {need} (--prompts x --prompt-images); "
+            "lower --first, --prompts or --prompt-images, or use a larger source."
+        )
     prompts = images[:need].reshape(cfg.prompts, cfg.prompt_images, *images.shape[1:])
     result = continue_images(
         model, tok, prompts, cfg.samples, cfg.temperature, cfg.top_k or None,
@@ -65,6 +70,19 @@ def generate(cfg: GenerateConfig) -> dict:
                "config": asdict(cfg)}
     (out / "generate.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _check_config(cfg: GenerateConfig) -> None:
+    """Flag values checked before the model loads, so a typo fails at once and names its flag."""
+    for name in ("prompts", "prompt_images", "samples"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1.")
+    if cfg.first < 0 or cfg.complete_rows < 0 or cfg.top_k < 0:
+        raise ConfigError("--first, --complete-rows and --top-k must be >= 0.")
+    if cfg.temperature < 0:
+        raise ConfigError(f"--temperature {cfg.temperature} must be >= 0 (0 = greedy).")
+    if not 0.0 < cfg.top_p <= 1.0:
+        raise ConfigError(f"--top-p {cfg.top_p} must be in (0, 1] (1 = off).")
 
 
 @torch.no_grad()
@@ -99,7 +117,9 @@ def continue_images(
         ids = torch.stack([ids, t_ids], dim=2).reshape(P, 2 * k, per_image)[:, :-1]
         show = np.stack([flat, flat_t], axis=1).reshape(P, 2 * k, *flat.shape[1:])[:, :-1]
     if not 0 <= complete_rows < h:
-        raise ValueError(f"complete_rows={complete_rows} must be in [0, {h - 1}] for a {h}x{w} token grid.")
+        raise ConfigError(
+            f"complete_rows={complete_rows} (--complete-rows) must be in [0, {h - 1}] for a {h}x{w} token grid."
+        )
 
     # [BOS] img1 [SEP] ... img_k [SEP] and the model writes the next image; or, completing, the
     # last image's top rows with nothing after them and the model writes the rest.
@@ -108,6 +128,12 @@ def continue_images(
     prompt = torch.from_numpy(np.stack(seqs))  # [P, T0]: all prompts have equal length
     prompt = prompt.repeat_interleave(samples, dim=0).to(next(model.parameters()).device)  # [P*S, T0]
     new = per_image - complete_rows * w
+    total, limit = prompt.shape[1] + new, model.config.max_seq_len
+    if total > limit:
+        raise ConfigError(
+            f"prompt of {prompt.shape[1]} tokens + {new} new tokens = {total} exceeds max_seq_len {limit} of the "
+            "checkpoint; use fewer --prompt-images (a --transform doubles them)."
+        )
     gen = torch.Generator(device=prompt.device).manual_seed(seed)
     out = model.generate(prompt, new, temperature, top_k, top_p, generator=gen, token_limit=special.codebook_size)
     tokens = out[:, -per_image:].reshape(P, samples, h, w).cpu()
