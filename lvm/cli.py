@@ -21,7 +21,7 @@ from typing import Any, Callable
 # name -> (module, config class, runner, one-line help); imported lazily so `lvm --help` is instant.
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "tokenizer-train": (
-        "tokenizer.train", "TokenizerTrainConfig", "train_tokenizer",
+        "lvm.tokenizer_train", "TokenizerTrainConfig", "train_tokenizer",
         "train the VQ/FSQ visual tokenizer on a source of images",
     ),
     "tokenize": (
@@ -63,17 +63,18 @@ def main(argv: list[str] | None = None) -> int:
     config_cls, runner = getattr(module, config_name), getattr(module, runner_name)
     sub = argparse.ArgumentParser(prog=f"lvm {args.command}", description=help_text)
     add_dataclass_arguments(sub, config_cls)
-    config = config_cls(**vars(sub.parse_args(rest)))
+    flags = vars(sub.parse_args(rest))
     user_errors = _user_errors()
     try:
-        result = runner(config)
+        result = runner(config_cls(**flags))  # a config's own checks (__post_init__) report like the runner's
     except KeyboardInterrupt:
         print(f"lvm {args.command}: interrupted; run the same command again to resume.", file=sys.stderr)
         return 130
     except user_errors as err:
         if os.environ.get("LVM_DEBUG"):
             raise
-        print(f"lvm {args.command}: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split())  # one line even when a message spans several
+        print(f"lvm {args.command}: error: {message}", file=sys.stderr)
         return 2
     _print_summary(result)
     return 0
@@ -112,13 +113,22 @@ def _field_comments(config_cls: type) -> dict[str, str]:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input (reported in one line), not a bug (kept as a traceback)."""
+    """The project's own error classes: bad input, reported in one line. Anything else (a plain
+    ValueError, KeyError, ...) is a bug and keeps its traceback. Imported here, not at the top, so
+    ``lvm --help`` stays instant."""
+    from lvm.checkpoint import CheckpointError, CheckpointMismatch
+    from lvm.data import DataError
+    from lvm.probe import ProbeError
+    from lvm.runtime import ConfigError
     from lvm.train import TrainingDiverged
     from tokenizer.images import ImageSourceError
+    from tokenizer.model import TokenizerError
     from tokenizer.shards import ShardError
 
-    # DataError, ProbeError and CheckpointMismatch are ValueErrors.
-    return (ImageSourceError, ShardError, TrainingDiverged, FileNotFoundError, NotADirectoryError, ValueError)
+    return (
+        ImageSourceError, ShardError, TokenizerError, DataError, ConfigError, CheckpointError, CheckpointMismatch,
+        ProbeError, TrainingDiverged,
+    )
 
 
 def _print_summary(result: Any) -> None:
