@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (issue #4), sized for a lent H100/H200 and its short device budget.
+# GPU check: the kernels' GPU tests and the benchmark tables in one run, sized for a short session on
+# a lent H100/H200.
 #
 #   bash bench/gpu_check.sh            # from the repo root; results land in $OUT (or bench/results)
 #
