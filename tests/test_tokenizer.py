@@ -1,6 +1,7 @@
 """Tokenizer: shapes, determinism, save/load, errors, metrics, and a tiny end-to-end training run."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,6 +129,24 @@ def test_tampered_weights_are_rejected(tmp_path):
     (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="fingerprint"):
         Tokenizer.from_pretrained(tmp_path)
+
+
+def test_save_pretrained_is_atomic(tmp_path, monkeypatch):
+    """A save that dies mid-write leaves the previous tokenizer loadable and no temp file behind."""
+    import tokenizer.model as tm
+
+    first = tiny()
+    first.save_pretrained(tmp_path)
+
+    def dies_midway(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tm, "save_file", dies_midway)
+    with pytest.raises(OSError, match="disk full"):
+        tiny(fsq_levels=(5, 5)).save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+    assert Tokenizer.from_pretrained(tmp_path).fingerprint == first.fingerprint
 
 
 def test_missing_files_name_the_file(tmp_path):
