@@ -283,6 +283,7 @@ def _flash_attn_setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(q, k, v, o, lse, seg_start, seg_end)
     ctx.causal, ctx.scale = causal, scale
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero [B, H, N] gradient for the lse output
 
 
 def _flash_attn_backward(ctx, do, dlse):

@@ -172,6 +172,7 @@ def _linear_ce_setup(ctx, inputs, output) -> None:
     hidden, weight, bias, target, ignore_index, reduction, label_smoothing, z_loss, chunk_size, use_triton, _ = inputs
     _, d_hidden, d_weight, d_bias = output
     ctx.mark_non_differentiable(d_hidden, d_weight, d_bias)
+    ctx.set_materialize_grads(False)  # else autograd fills zero "gradients" the size of d_hidden and d_weight
     ctx.has_bias, ctx.reduction = bias is not None, reduction
     ctx.args = (ignore_index, label_smoothing, z_loss, chunk_size, use_triton)
     if reduction == "none":
