@@ -14,17 +14,13 @@ from typing import TYPE_CHECKING
 
 from lvm.data import SpecialTokens
 from lvm.model import LVM
+from lvm.runtime import LATEST, CheckpointError
 
 if TYPE_CHECKING:
     from tokenizer.model import Tokenizer
 
-LATEST = "latest"  # symlink in a training output folder to its newest complete checkpoint
 DATA_FILE = "data.json"  # the data a checkpoint was trained on: tokenizer fingerprint and path, grid, ...
 MODEL_FILES = ("config.json", "model.safetensors")  # what LVM.save_pretrained writes
-
-
-class CheckpointError(ValueError):
-    """No usable checkpoint at a path (missing folder or model files); the message names the path and the fix."""
 
 
 class CheckpointMismatch(ValueError):

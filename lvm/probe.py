@@ -63,6 +63,7 @@ class ProbeConfig:
     fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 0.3, 1.0])
     seeds: int = 3  # repeats (different label subsets) at fractions < 1
     baselines: bool = True  # raw pixels and random-init model
+    random_init: bool = True  # with baselines: also the random-init model (as costly as probing the LVM again)
     sweep_images: int = 5000  # train images used to pick the layer
     limit_train: int = 0  # use at most this many labelled train images (0 = all)
     limit_test: int = 0
@@ -161,7 +162,7 @@ def _models_to_probe(cfg: ProbeConfig, model: LVM, tok: Tokenizer, ckpt: Path) -
         require_same_tokenizer(tok.fingerprint, other_tok.fingerprint, what=f"--compare {path} against {ckpt}",
                                fix="probes compare checkpoints of one tokenizer; compare runs on the same shards.")
         models[f"lvm:{path}"] = other  # the path as given: basenames like "lvm" repeat
-    if cfg.baselines:
+    if cfg.baselines and cfg.random_init:
         torch.manual_seed(cfg.seed)
         models["random-init"] = LVM(model.config).eval()
     return models

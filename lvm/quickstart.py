@@ -1,10 +1,17 @@
-"""``lvm quickstart``: the whole story on Fashion-MNIST in one folder, resumable stage by stage.
+"""``lvm quickstart``: the whole story on Fashion-MNIST in one folder, inside a time budget.
 
     tokenizer-train -> tokenize (train, test) -> train LVM -> generate -> probe -> report.md
 
-Every stage writes its outputs atomically and is skipped (or resumed) when re-run, so an
-interrupted quickstart continues where it stopped. ``--fast`` is a few-minute smoke run on a
-subset with a tiny model; the default run is sized for about 30 minutes on 2 CPU cores.
+``--time-budget`` (default 30 minutes) is split over the stages from speeds measured at the start:
+a timed forward pass of the LVM and a timed probe-sized matmul predict the fixed stages (tokenize,
+probes); the two trained stages share the rest, and each fits its step count to its share during
+its own warmup (``lvm.runtime.StepBudget``), so the run is sized for the machine it is on, AMX or
+not. The report states the budget, each stage's share and time, and the steps actually run;
+re-running with ``--tokenizer-steps`` / ``--lvm-steps`` set to those counts reproduces the models.
+
+Finished stages are skipped on a re-run (tokenizer, probes) or resume from their last checkpoint
+(tokenize, pretrain); generation is cheap and always re-run. ``--fast`` is a smoke run of about a
+minute on a subset with a tiny model and fixed step counts.
 """
 from __future__ import annotations
 
@@ -15,6 +22,23 @@ from pathlib import Path
 
 import numpy as np
 
+from tokenizer.atomic import write_json_atomic, write_text_atomic
+
+MAX_TOKENIZER_STEPS = 1000  # 1000 steps: 23.6 dB; more adds little
+MAX_LVM_STEPS = 1500  # 4 epochs of Fashion-MNIST; probes gained +0.6 point at 10 % labels over 500 steps
+TOKENIZER_SHARE = 0.2  # of the time left for the two trained stages; the LVM gets the rest
+# Probe-stage cost model (2-core AMD EPYC, no AMX, fp32: 128 images/s through all 6 blocks, 0.36 s per
+# 60k x 2304 matmul pass). Per probed model: a layer sweep of 5000 images through every block, then
+# 70k images through ~2/3 of the blocks (full-depth equivalents below), and ~1100 such passes of
+# L-BFGS for its fits (4 L2 values + refit, at 1/10/30 % x 3 subsets and 100 %; 56 s for the 100 %
+# fit on an AMX Xeon). The raw-pixel fits cost ~360 passes of the same size (784 features).
+FEATURE_IMAGES_PER_MODEL = 5000 + 70_000 * 2 / 3
+FIT_PASSES_PER_MODEL = 1100
+PIXEL_FIT_PASSES = 360
+ESTIMATE_MARGIN = 1.15  # fixed stages are predicted, not fitted: err on the long side
+RANDOM_INIT_MAX_SHARE = 1 / 3  # the random-init baseline runs only if the whole probe stage fits in this share
+SLACK_S = 45.0  # generation, plots, report, process start
+
 
 @dataclass
 class QuickstartConfig:
@@ -22,14 +46,15 @@ class QuickstartConfig:
 
     out: str = "runs/quickstart"  # everything lands here; re-running resumes
     source: str = "fashion-mnist"  # labelled images with a train/test split
-    fast: bool = False  # a few-minute smoke run (subset, tiny sizes)
+    fast: bool = False  # a smoke run of about a minute (subset, tiny sizes, fixed steps)
+    time_budget: float = 30.0  # minutes for the whole run, split over the stages from measured speeds; 0 = none
     preset: str = "small"  # LVM size for the default run
-    tokenizer_steps: int = 1000
-    lvm_steps: int = 0  # 0 -> 1500 (4 epochs, ~15 min) where bf16 is fast (AMX CPU, CUDA), else 500 (fp32 CPU)
+    tokenizer_steps: int = 0  # 0 -> as many as fit the budget, at most 1000; N -> exactly N
+    lvm_steps: int = 0  # 0 -> as many as fit the budget, at most 1500; N -> exactly N
     lvm_batch_size: int = 16
     lvm_lr: float = 2e-3
     context_len: int = 510  # 10 Fashion-MNIST sentences of 51 tokens
-    compile: bool = True  # torch.compile the LVM (~40 s of compilation, then ~1.4x faster steps on CPU)
+    compile: str = "auto"  # torch.compile the LVM: auto (where bf16 is fast: 1.55x steps on AMX, 1.04x in fp32 on an AMD EPYC), yes, no
     precision: str = "auto"  # tokenizer, LVM and feature extraction: auto (bf16 on CUDA and AMX CPUs), bf16, fp32
     probe_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 0.3, 1.0])
     probe_methods: list[str] = field(default_factory=lambda: ["linear"])  # + attentive: ~4 more minutes; finetune: ~5 min a fit
@@ -43,67 +68,63 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     """Run (or resume) every stage and write ``report.md``; returns the headline figures."""
     from lvm.generate import GenerateConfig, generate
     from lvm.probe import ProbeConfig, run_probe
+    from lvm.tokenizer_train import TokenizerTrainConfig, train_tokenizer
     from lvm.train import TrainConfig, train
     from tokenizer.shards import TokenizeConfig, read_token_shards, run_tokenize
-    from lvm.tokenizer_train import TokenizerTrainConfig, train_tokenizer
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "quickstart_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    write_json_atomic(out / "quickstart_config.json", asdict(cfg))
     fast = cfg.fast
-    timings: dict[str, float] = {}
-
-    def stage(name: str):
-        print(f"\n== quickstart: {name} ==", flush=True)
-        timings[name] = time.time()
-
-    def done(name: str):
-        timings[name] = round(time.time() - timings[name], 1)
+    budget = Budget.load_or_plan(out, cfg)
+    stages = budget.stages
 
     # 1. tokenizer ------------------------------------------------------------------------------
-    stage("tokenizer")
+    budget.start("tokenizer")
     tok_dir = out / "tokenizer"
     if not (tok_dir / "eval.json").exists():
         train_tokenizer(TokenizerTrainConfig(
-            data=cfg.source, out_dir=str(tok_dir), steps=300 if fast else cfg.tokenizer_steps,
+            data=cfg.source, out_dir=str(tok_dir), steps=300 if fast else cfg.tokenizer_steps or MAX_TOKENIZER_STEPS,
+            time_budget=0 if fast or cfg.tokenizer_steps else budget.share("tokenizer") / 60,
             limit=3000 if fast else 0, eval_holdout=500, seed=cfg.seed, precision=cfg.precision,
             **({"widths": "32,32", "eval_every": 0} if fast else {}),
         ))
     tok_eval = json.loads((tok_dir / "eval.json").read_text())
-    done("tokenizer")
+    budget.end("tokenizer", steps=tok_eval.get("steps"))
 
     # 2. tokens ---------------------------------------------------------------------------------
-    stage("tokenize")
+    budget.start("tokenize")
     limit = {"train": 3000, "test": 1000} if fast else {"train": 0, "test": 0}
     for split in ("train", "test"):
         run_tokenize(TokenizeConfig(source=cfg.source, tokenizer=str(tok_dir), out=str(out / "tokens" / split),
                                     split=split, limit=limit[split]))
     train_tokens = read_token_shards(out / "tokens" / "train")
-    done("tokenize")
+    budget.end("tokenize")
 
     # 3. LVM pretraining --------------------------------------------------------------------------
-    stage("pretrain")
+    budget.start("pretrain")
     lvm_dir = out / "lvm"
     summary = train(TrainConfig(
         data=str(out / "tokens" / "train"), eval_data=str(out / "tokens" / "test"), out=str(lvm_dir),
         preset="tiny" if fast else cfg.preset, context_len=102 if fast else cfg.context_len,
-        steps=300 if fast else (cfg.lvm_steps or default_lvm_steps(cfg.precision)),
+        steps=300 if fast else (cfg.lvm_steps or MAX_LVM_STEPS),
+        time_budget=0 if fast or cfg.lvm_steps else budget.share("pretrain") / 60,
         batch_size=8 if fast else cfg.lvm_batch_size, lr=cfg.lvm_lr,
         warmup_steps=30 if fast else 100, eval_every=100 if fast else 250, ckpt_every=100 if fast else 250,
-        eval_rows=16 if fast else 64, seed=cfg.seed, compile=cfg.compile and not fast, precision=cfg.precision,
+        eval_rows=16 if fast else 64, seed=cfg.seed, compile=not fast and use_compile(cfg), precision=cfg.precision,
     ))
     entropy = unigram_entropy(np.asarray(train_tokens.tokens))
-    done("pretrain")
+    budget.end("pretrain", steps=summary["steps"])
 
     # 4. continuations --------------------------------------------------------------------------
-    stage("generate")
+    budget.start("generate")
     gen = generate(GenerateConfig(checkpoint=str(lvm_dir), source=cfg.source, split="test", prompts=6,
                                   samples=5, complete_rows=3, temperature=1.0, top_k=0, seed=cfg.seed,
                                   out=str(out / "generate")))
-    done("generate")
+    budget.end("generate")
 
     # 5. probes ---------------------------------------------------------------------------------
-    stage("probe")
+    budget.start("probe")
     probe_dir = out / "probe"
     if not (probe_dir / "probe.json").exists():
         run_probe(ProbeConfig(
@@ -111,30 +132,139 @@ def quickstart(cfg: QuickstartConfig) -> dict:
             methods=cfg.probe_methods, **({"head_max_steps": 200, "finetune_max_steps": 30} if fast else {}),
             grid=cfg.probe_grid, seeds=cfg.probe_seeds, sweep_images=1000 if fast else 5000,
             limit_train=3000 if fast else 0, limit_test=1000 if fast else 0, out=str(probe_dir), seed=cfg.seed,
-            precision=cfg.precision,
+            precision=cfg.precision, random_init=budget.measured.get("random_init", True),
         ))
     probe = json.loads((probe_dir / "probe.json").read_text())
-    done("probe")
+    budget.end("probe")
 
     # 6. report ---------------------------------------------------------------------------------
     from lvm.report import plot_loss_curve
 
     plot_loss_curve(lvm_dir / "metrics.jsonl", out / "loss_curve.png", unigram_entropy=entropy)
-    report = write_report(out, cfg, tok_eval, summary, entropy, probe, timings)
+    report = write_report(out, cfg, tok_eval, summary, entropy, probe, budget)
     print(f"\nquickstart report: {report}")
     return {"report": str(report), "tokenizer_psnr_db": tok_eval.get("psnr_db"), "eval_loss": summary["eval_loss"],
-            "unigram_entropy": entropy, "grid": gen["grid"], "timings_s": timings}
+            "unigram_entropy": entropy, "grid": gen["grid"], "timings_s": {k: v.get("seconds") for k, v in stages.items()},
+            "steps": {k: v["steps"] for k, v in stages.items() if "steps" in v}, "budget_s": budget.total_s}
 
 
-def default_lvm_steps(precision: str = "auto") -> int:
-    """Pretraining steps that fit the ~30-minute budget: `small` steps take ~0.6 s on 2 AMX cores in
-    bf16 (compiled) but ~1.6 s in fp32; 1500 steps probe at 85.5 % with 10 % labels, 500 at 84.3 %."""
+def use_compile(cfg: QuickstartConfig) -> bool:
+    """torch.compile pays where matmuls are fast and overheads dominate (bf16 on AMX or CUDA); on an fp32
+    CPU the step is matmul-bound, compiling gained 4 % and costs its compile time out of the budget."""
     import torch
 
-    from kernels.dispatch import cpu_has_fast_bf16
+    from lvm.runtime import bf16_is_fast
 
-    fast_bf16 = torch.cuda.is_available() or cpu_has_fast_bf16()
-    return 1500 if precision != "fp32" and fast_bf16 else 500
+    if cfg.compile not in ("auto", "yes", "no"):
+        from lvm.runtime import ConfigError
+
+        raise ConfigError(f"--compile {cfg.compile!r} is not one of auto, yes, no.")
+    if cfg.compile != "auto":
+        return cfg.compile == "yes"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return cfg.precision != "fp32" and bf16_is_fast(device)
+
+
+class Budget:
+    """The run's time plan and record (``budget.json``): each stage's share, time and step count.
+
+    Planned once, at the first start, from speeds measured on this machine; a resumed quickstart
+    keeps the plan and adds the time its earlier runs spent, so the record covers the whole run.
+    """
+
+    def __init__(self, path: Path, total_s: float, stages: dict, measured: dict) -> None:
+        self.path, self.total_s, self.stages, self.measured = path, total_s, stages, measured
+        self._t0: float | None = None
+
+    @classmethod
+    def load_or_plan(cls, out: Path, cfg: QuickstartConfig) -> "Budget":
+        path = out / "budget.json"
+        if path.exists():
+            saved = json.loads(path.read_text())
+            return cls(path, saved["total_s"], saved["stages"], saved["measured"])
+        total = 0.0 if cfg.fast else cfg.time_budget * 60
+        measured = measure_speeds(cfg.precision) if total > 0 else {}
+        stages = {name: {} for name in ("tokenizer", "tokenize", "pretrain", "generate", "probe")}
+        if measured:  # the random-init baseline doubles the probe stage: kept where it is a small part
+            both = 2 * measured["probe_s_per_model"] + measured["probe_pixels_s"]
+            measured["random_init"] = both <= RANDOM_INIT_MAX_SHARE * total
+            probe_s = both if measured["random_init"] else both - measured["probe_s_per_model"]
+            stages["tokenize"]["estimate_s"] = round(measured["tokenize_s"], 1)
+            stages["probe"]["estimate_s"] = round(probe_s, 1)
+        budget = cls(path, total, stages, measured)
+        budget.save()
+        return budget
+
+    @property
+    def spent_s(self) -> float:
+        return sum(v.get("seconds", 0.0) for v in self.stages.values())
+
+    def share(self, stage: str) -> float:
+        """Seconds for a trained stage: what is left after the fixed stages' estimates (and, for the
+        tokenizer, its fraction of that); 0 when the run has no budget."""
+        if self.total_s <= 0:
+            return 0.0
+        fixed = sum(v.get("estimate_s", 0.0) for k, v in self.stages.items() if "seconds" not in v) + SLACK_S
+        left = max(self.total_s - self.spent_s - fixed, 60.0)  # never below a minute: the stage must run
+        seconds = left * TOKENIZER_SHARE if stage == "tokenizer" else left
+        self.stages[stage]["share_s"] = round(seconds, 1)
+        self.save()
+        return seconds
+
+    def start(self, stage: str) -> None:
+        print(f"\n== quickstart: {stage} ==", flush=True)
+        self._t0 = time.time()
+
+    def end(self, stage: str, steps: int | None = None) -> None:
+        """Add this run's time for ``stage`` (a stage skipped as finished adds next to nothing)."""
+        record = self.stages[stage]
+        record["seconds"] = round(record.get("seconds", 0.0) + time.time() - self._t0, 1)
+        if steps is not None:
+            record["steps"] = int(steps)
+        self.save()
+
+    def save(self) -> None:
+        write_json_atomic(self.path, {"total_s": self.total_s, "stages": self.stages, "measured": self.measured})
+
+
+def measure_speeds(precision: str = "auto") -> dict:
+    """A few seconds of timing that predict the fixed stages on this machine: the small LVM's
+    forward (feature extraction), the tokenizer's encoder (tokenizing), and the matmul shape of
+    the linear-probe fits. Returns rates and the predicted seconds of the tokenize and probe stages."""
+    import torch
+
+    from lvm.config import LVMConfig
+    from lvm.model import LVM
+    from lvm.runtime import mixed_precision
+    from tokenizer.model import Tokenizer, TokenizerConfig
+
+    device = torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad(), mixed_precision(device, precision):
+        lvm = LVM(LVMConfig.preset("small", vocab_size=1004)).eval()
+        ids = torch.randint(0, 1000, (256, 50), generator=gen)
+        forward_s = _best_time(lambda: lvm.hidden_states(ids, layers=[lvm.config.n_layer]))
+        tok = Tokenizer(TokenizerConfig(image_size=28, channels=1)).eval()
+        images = torch.rand(512, 1, 28, 28, generator=gen)
+        encode_s = _best_time(lambda: tok.encode(images))
+    x, w = torch.randn(15_000, 2304, generator=gen), torch.randn(2304, 10, generator=gen)
+    pass_s = 4 * _best_time(lambda: (x @ w).T @ x, repeats=2)  # forward + weight gradient, scaled to 60k rows
+    forward_ips, encode_ips = 256 / forward_s, 512 / encode_s
+    per_model = ESTIMATE_MARGIN * (FEATURE_IMAGES_PER_MODEL / forward_ips + FIT_PASSES_PER_MODEL * pass_s)
+    return {"forward_images_per_s": round(forward_ips, 1), "encode_images_per_s": round(encode_ips, 1),
+            "fit_pass_s": round(pass_s, 4), "tokenize_s": ESTIMATE_MARGIN * 70_000 / encode_ips + 10.0,
+            "probe_s_per_model": per_model, "probe_pixels_s": ESTIMATE_MARGIN * PIXEL_FIT_PASSES * pass_s,
+            "torch_threads": torch.get_num_threads()}
+
+
+def _best_time(fn, repeats: int = 3) -> float:
+    fn()  # warm-up: allocations, kernel choice
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
 
 def unigram_entropy(tokens: np.ndarray) -> float:
@@ -145,15 +275,15 @@ def unigram_entropy(tokens: np.ndarray) -> float:
 
 
 def write_report(out: Path, cfg: QuickstartConfig, tok_eval: dict, train_summary: dict, entropy: float,
-                 probe: dict, timings: dict) -> Path:
+                 probe: dict, budget: Budget) -> Path:
     """One Markdown page with every figure and picture of the run."""
     probe_md = (out / "probe" / "probe.md").read_text()
     lines = [
         "# LVM quickstart report",
         "",
-        f"Source: `{cfg.source}`; mode: {'fast smoke run' if cfg.fast else 'default'}; stage times (s): "
-        + ", ".join(f"{k} {v}" for k, v in timings.items()),
+        f"Source: `{cfg.source}`; mode: {'fast smoke run' if cfg.fast else 'default'}.",
         "",
+        *budget_lines(budget, cfg),
         "## 1. Visual tokenizer",
         "",
         f"Held-out PSNR **{tok_eval.get('psnr_db', float('nan')):.2f} dB**, codebook usage "
@@ -183,15 +313,45 @@ def write_report(out: Path, cfg: QuickstartConfig, tok_eval: dict, train_summary
         "",
         "Probes on the best layer (chosen on training images): `linear` is logistic regression on grid-pooled "
         "token states, `attentive` an attention-pooling head on the frozen token states, `finetune` the LVM "
-        "trained with that head. Baselines: raw pixels and the same architecture at random init. Fractions "
+        "trained with that head. Baselines: raw pixels and (unless left out, see above) the same architecture at "
+        "random init. Fractions "
         "below 100 % are means ± std over label subsets.",
         "",
         probe_md,
         "![label efficiency](probe/label_efficiency.png)",
         "",
     ]
-    path = out / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(out / "report.md", "\n".join(lines))
+
+
+def budget_lines(budget: Budget, cfg: QuickstartConfig) -> list[str]:
+    """The time budget, each stage's share and time, and the steps actually run, as Markdown."""
+    import platform
+
+    from lvm.runtime import cpu_has_fast_bf16
+
+    total = budget.spent_s
+    head = (f"Time: **{total / 60:.1f} min** in all"
+            + (f" of a {budget.total_s / 60:.0f}-minute budget" if budget.total_s else " (no time budget)")
+            + f"; CPU: {_cpu_name() or platform.processor() or 'unknown'}, "
+            + f"AMX {'yes' if cpu_has_fast_bf16() else 'no'}, precision {cfg.precision}.")
+    rows = ["| stage | share or estimate (s) | time (s) | steps |", "|---|---|---|---|"]
+    for name, rec in budget.stages.items():
+        plan = rec.get("share_s", rec.get("estimate_s", ""))
+        rows.append(f"| {name} | {plan} | {rec.get('seconds', '')} | {rec.get('steps', '')} |")
+    steps = {k: v.get("steps") for k, v in budget.stages.items()}
+    again = (f"`lvm quickstart --tokenizer-steps {steps['tokenizer']} --lvm-steps {steps['pretrain']}` "
+             "trains the same models again." if steps.get("tokenizer") and steps.get("pretrain") else "")
+    skipped = ("The random-init baseline was left out to keep the probes within the budget on this CPU; "
+               f"`lvm probe --checkpoint {cfg.out}/lvm` runs it." if budget.measured.get("random_init") is False else "")
+    return [head, "", *rows, "", again, skipped, ""]
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""

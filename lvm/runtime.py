@@ -32,7 +32,11 @@ PRECISIONS = ("auto", "bf16", "fp32")
 
 class ConfigError(ValueError):
     """A run configured in a way that cannot work; the message names the flag and the fix."""
-LATEST = "latest"
+
+
+class CheckpointError(ValueError):
+    """No usable checkpoint at a path (missing folder or files); the message names the path and the fix."""
+LATEST = "latest"  # in a run folder: symlink to the newest complete checkpoint
 STATE_FILE = "trainer_state.json"
 
 
@@ -44,13 +48,13 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu or auto.")
+            raise ConfigError(f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu or auto.")
         index = torch.device(name).index
         index = local_rank if index is None else index
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     if name != "cpu":
-        raise ValueError(f"--device {name!r} is not one of auto, cpu, cuda.")
+        raise ConfigError(f"--device {name!r} is not one of auto, cpu, cuda.")
     return torch.device("cpu")
 
 
@@ -243,7 +247,7 @@ class Checkpointer:
             return None
         for name in (STATE_FILE, *required):
             if not (folder / name).is_file():
-                raise FileNotFoundError(
+                raise CheckpointError(
                     f"{folder / name} not found; the checkpoint is incomplete. Point the output folder "
                     "elsewhere or start over without resuming (CLI: --no-resume)."
                 )

@@ -9,7 +9,6 @@ other trainers so that the tokenizer package (model, images, shards) never impor
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from kernels.dispatch import BACKENDS
-from lvm.checkpoint import require_same_tokenizer
+from lvm.checkpoint import DATA_FILE, require_same_tokenizer
 from lvm.config import LVMConfig
 from lvm.data import DataError, PackedBatches, VisualSentences, eval_batches
 from lvm.model import LVM
@@ -37,7 +37,6 @@ from lvm.runtime import (
 )
 from tokenizer.atomic import write_json_atomic
 
-DATA_FILE = "data.json"
 OPTIM_FILE = "optimizer.pt"
 
 

@@ -24,16 +24,47 @@ def test_quickstart_fast_end_to_end_and_resume(tiny_pipeline, tmp_path):
     assert json.loads((out / "quickstart_config.json").read_text())["fast"] is True
 
 
-def test_default_pretraining_length_follows_the_hardware(monkeypatch):
-    """1500 steps only where bf16 is fast (AMX CPU or CUDA); fp32 machines get 500 to stay in the time budget."""
-    import kernels.dispatch
-    import torch
+def test_budget_shares_follow_the_measured_fixed_stages(tmp_path, monkeypatch):
+    """The trained stages get what the fixed stages' estimates leave; the record adds up what ran."""
+    import lvm.quickstart as qs
 
-    from lvm.quickstart import default_lvm_steps
+    fake = {"forward_images_per_s": 1.0, "encode_images_per_s": 1.0, "fit_pass_s": 0.1,
+            "tokenize_s": 120.0, "probe_s_per_model": 250.0, "probe_pixels_s": 100.0}
+    monkeypatch.setattr(qs, "measure_speeds", lambda precision: fake)
+    budget = qs.Budget.load_or_plan(tmp_path, QuickstartConfig(out=str(tmp_path), time_budget=30))
+    left = 1800 - 120 - 600 - qs.SLACK_S
+    assert budget.share("tokenizer") == pytest.approx(qs.TOKENIZER_SHARE * left)
+    budget.stages["tokenizer"]["seconds"] = 200.0  # what the two first stages really took
+    budget.stages["tokenize"]["seconds"] = 100.0
+    assert budget.share("pretrain") == pytest.approx(1800 - 300 - 600 - qs.SLACK_S)
+    again = qs.Budget.load_or_plan(tmp_path, QuickstartConfig(out=str(tmp_path), time_budget=5))
+    assert again.total_s == 1800 and again.stages["tokenize"]["seconds"] == 100.0  # a resumed run keeps its plan
+    lines = "\n".join(qs.budget_lines(again, QuickstartConfig()))
+    assert "30-minute budget" in lines and "| tokenize | 120.0 | 100.0 |" in lines
+    assert budget.measured["random_init"] and "left out" not in lines  # 600 s <= a third of 30 min
+    slow = dict(fake, probe_s_per_model=400.0)  # 900 s > 600 s: the random-init model is left out
+    monkeypatch.setattr(qs, "measure_speeds", lambda precision: dict(slow))
+    tight = qs.Budget.load_or_plan(tmp_path / "slow", QuickstartConfig(time_budget=30))
+    assert not tight.measured["random_init"] and tight.stages["probe"]["estimate_s"] == 500.0
+    assert "left out" in "\n".join(qs.budget_lines(tight, QuickstartConfig()))
+    assert qs.Budget.load_or_plan(tmp_path / "none", QuickstartConfig(time_budget=0)).share("pretrain") == 0.0
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(kernels.dispatch, "cpu_has_fast_bf16", lambda: True)
-    assert default_lvm_steps("auto") == 1500 and default_lvm_steps("bf16") == 1500
-    assert default_lvm_steps("fp32") == 500
-    monkeypatch.setattr(kernels.dispatch, "cpu_has_fast_bf16", lambda: False)
-    assert default_lvm_steps("auto") == 500
+
+def test_measured_speeds_predict_positive_stage_times():
+    from lvm.quickstart import measure_speeds
+
+    m = measure_speeds("fp32")
+    assert m["forward_images_per_s"] > 0 and m["encode_images_per_s"] > 0
+    assert 0 < m["tokenize_s"] < 3600 and 0 < m["probe_s_per_model"] < 36_000 and m["probe_pixels_s"] > 0
+
+
+def test_compile_only_where_it_pays(monkeypatch):
+    import lvm.runtime
+    from lvm.quickstart import use_compile
+
+    monkeypatch.setattr(lvm.runtime, "bf16_is_fast", lambda device: True)
+    assert use_compile(QuickstartConfig()) and not use_compile(QuickstartConfig(precision="fp32"))
+    monkeypatch.setattr(lvm.runtime, "bf16_is_fast", lambda device: False)
+    assert not use_compile(QuickstartConfig()) and use_compile(QuickstartConfig(compile="yes"))
+    with pytest.raises(ValueError, match="--compile 'maybe'"):
+        use_compile(QuickstartConfig(compile="maybe"))

@@ -305,3 +305,27 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     changed.lr = 1.0
     with pytest.raises(ValueError, match="resume=False"):
         train_tokenizer(changed, train_set=train, eval_set=held)
+
+
+def test_time_budget_picks_the_steps_and_they_reproduce_the_tokenizer(tmp_path, monkeypatch):
+    from functools import partial
+
+    import lvm.tokenizer_train as tt
+    from lvm.runtime import StepBudget
+
+    images = blobs(48, seed=4)
+    train = ImageSet(images=images[:32], labels=None, class_names=None, source="synthetic")
+    held = ImageSet(images=images[32:], labels=None, class_names=None, source="synthetic")
+    ticks = iter(range(10**6))  # 0.1 s per clock reading: independent of the machine's load
+    monkeypatch.setattr(tt, "StepBudget", partial(StepBudget, clock=lambda: 0.1 * next(ticks)))
+
+    def cfg(out, **kw):
+        return TokenizerTrainConfig(out_dir=str(tmp_path / out), patch_size=1, widths="8,16", fsq_levels="4,3,3",
+                                    batch_size=8, warmup_steps=6, eval_every=0, recon_examples=2, progress=False,
+                                    threads=1, **kw)
+
+    budgeted = train_tokenizer(cfg("budget", steps=10_000, time_budget=0.05), train_set=train, eval_set=held)
+    ev = json.loads((tmp_path / "budget" / "eval.json").read_text())
+    assert 6 <= ev["steps"] == ev["planned_steps"] < 10_000
+    fixed = train_tokenizer(cfg("fixed", steps=ev["steps"]), train_set=train, eval_set=held)
+    assert fixed.fingerprint == budgeted.fingerprint

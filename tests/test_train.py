@@ -178,7 +178,9 @@ def test_context_too_short(cfg):
 def test_incomplete_checkpoint_dir(cfg):
     train(replace(cfg, steps=4))
     os.remove(os.path.join(cfg.out, "latest", "optimizer.pt"))
-    with pytest.raises(FileNotFoundError, match="optimizer.pt"):
+    from lvm.runtime import CheckpointError
+
+    with pytest.raises(CheckpointError, match="optimizer.pt"):
         train(cfg)
 
 
