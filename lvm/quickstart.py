@@ -26,16 +26,17 @@ from tokenizer.atomic import write_json_atomic, write_text_atomic
 
 MAX_TOKENIZER_STEPS = 1000  # 1000 steps: 23.6 dB; more adds little
 MAX_LVM_STEPS = 1500  # 4 epochs of Fashion-MNIST; probes gained +0.6 point at 10 % labels over 500 steps
+LVM_WARMUP = 50  # a 30-minute budget on an fp32 CPU buys ~100-150 steps; a 100-step warmup would be most of them
 TOKENIZER_SHARE = 0.2  # of the time left for the two trained stages; the LVM gets the rest
-# Probe-stage cost model (2-core AMD EPYC, no AMX, fp32: 128 images/s through all 6 blocks, 0.36 s per
-# 60k x 2304 matmul pass). Per probed model: a layer sweep of 5000 images through every block, then
-# 70k images through ~2/3 of the blocks (full-depth equivalents below), and ~1100 such passes of
-# L-BFGS for its fits (4 L2 values + refit, at 1/10/30 % x 3 subsets and 100 %; 56 s for the 100 %
-# fit on an AMX Xeon). The raw-pixel fits cost ~360 passes of the same size (784 features).
-FEATURE_IMAGES_PER_MODEL = 5000 + 70_000 * 2 / 3
-FIT_PASSES_PER_MODEL = 1100
-PIXEL_FIT_PASSES = 360
-ESTIMATE_MARGIN = 1.15  # fixed stages are predicted, not fitted: err on the long side
+# Probe-stage cost model, measured in a full run on a 2-core AMD EPYC (no AMX, fp32), where the probes
+# took 1263 s of 1984: per probed model, features of 5000 (layer sweep) + 70k images through up to all
+# blocks, at ~0.9x the rate measure_speeds sees (82k full-depth equivalents below), and L-BFGS fits
+# worth ~1035 passes of a 60k x 2304 matmul (L2 chosen on <= 15k rows, then one refit on all); the
+# raw-pixel fits ~345 such passes.
+FEATURE_IMAGES_PER_MODEL = 82_000
+FIT_PASSES_PER_MODEL = 1035
+PIXEL_FIT_PASSES = 345
+ESTIMATE_MARGIN = 1.05  # fixed stages are predicted, not fitted: err a little on the long side
 RANDOM_INIT_MAX_SHARE = 1 / 3  # the random-init baseline runs only if the whole probe stage fits in this share
 SLACK_S = 45.0  # generation, plots, report, process start
 
@@ -110,7 +111,7 @@ def quickstart(cfg: QuickstartConfig) -> dict:
         steps=300 if fast else (cfg.lvm_steps or MAX_LVM_STEPS),
         time_budget=0 if fast or cfg.lvm_steps else budget.share("pretrain") / 60,
         batch_size=8 if fast else cfg.lvm_batch_size, lr=cfg.lvm_lr,
-        warmup_steps=30 if fast else 100, eval_every=100 if fast else 250, ckpt_every=100 if fast else 250,
+        warmup_steps=30 if fast else LVM_WARMUP, eval_every=100 if fast else 250, ckpt_every=100 if fast else 250,
         eval_rows=16 if fast else 64, seed=cfg.seed, compile=not fast and use_compile(cfg), precision=cfg.precision,
     ))
     entropy = unigram_entropy(np.asarray(train_tokens.tokens))

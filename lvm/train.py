@@ -327,8 +327,9 @@ def _datasets(cfg: TrainConfig) -> tuple[VisualSentences, VisualSentences]:
     if not cfg.eval_data:
         return sentences.split(cfg.eval_fraction, seed=cfg.seed)
     eval_set = VisualSentences(cfg.eval_data, [], "single")
-    if eval_set.tokenizer_fingerprint != sentences.tokenizer_fingerprint:
-        raise DataError(f"{cfg.eval_data}: made by another tokenizer than {cfg.data}; tokenize both with the same one.")
+    require_same_tokenizer(sentences.tokenizer_fingerprint, eval_set.tokenizer_fingerprint,
+                           what=f"--eval-data {cfg.eval_data} against --data {cfg.data}",
+                           fix="tokenize both with the same tokenizer.", error=DataError)
     return sentences, eval_set
 
 

@@ -124,3 +124,17 @@ def test_probe_compare_refuses_another_tokenizer(tiny_pipeline, tmp_path):
                       fractions=[1.0], seeds=1, layers=[1], baselines=False, out=str(tmp_path / "out"))
     with pytest.raises(CheckpointMismatch, match=f"--compare {tmp_path / 'ckpt'}.*got {other.fingerprint}"):
         run_probe(cfg)
+
+
+def test_linear_probe_chooses_l2_on_a_row_subset_then_refits_on_all():
+    from lvm.probe import LinearProbe
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(600) % 3
+    x = torch.randn(600, 8, generator=g) + 4.0 * torch.nn.functional.one_hot(y, 8).float()
+    whole = LinearProbe.fit(x, y, seed=1)
+    assert torch.equal(LinearProbe.fit(x, y, seed=1, select_rows=10_000).weight, whole.weight)  # nothing to cut
+    cut = LinearProbe.fit(x, y, seed=1, select_rows=120)
+    assert cut.l2 in (1e-4, 1e-3, 1e-2, 1e-1) and cut.accuracy(x, y) >= whole.accuracy(x, y) - 0.02 > 0.9
+    # the refit reads every row: standardisation statistics are those of all 600
+    assert torch.allclose(cut.mean, x.mean(0)) and torch.allclose(cut.std, x.std(0))

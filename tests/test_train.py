@@ -170,6 +170,12 @@ def test_resume_with_other_tokenizer_refused(cfg, tmp_path, make_shards):
         train(replace(cfg, data=other))
 
 
+def test_eval_data_of_another_tokenizer_refused(cfg, tmp_path, make_shards):
+    other = make_shards(tmp_path / "other-eval", fingerprint="other-tok")
+    with pytest.raises(DataError, match="--eval-data .* tokenizer fingerprints differ"):
+        train(replace(cfg, eval_data=other))
+
+
 def test_context_too_short(cfg):
     with pytest.raises(DataError, match="too short"):
         train(replace(cfg, context_len=8))
