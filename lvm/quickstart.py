@@ -29,13 +29,13 @@ MAX_LVM_STEPS = 1500  # 4 epochs of Fashion-MNIST; probes gained +0.6 point at 1
 LVM_WARMUP = 50  # a 30-minute budget on an fp32 CPU buys ~100-150 steps; a 100-step warmup would be most of them
 TOKENIZER_SHARE = 0.2  # of the time left for the two trained stages; the LVM gets the rest
 # Probe-stage cost model, measured in a full run on a 2-core AMD EPYC (no AMX, fp32), where the probes
-# took 1263 s of 1984: per probed model, features of 5000 (layer sweep) + 70k images through up to all
-# blocks, at ~0.9x the rate measure_speeds sees (82k full-depth equivalents below), and L-BFGS fits
-# worth ~1035 passes of a 60k x 2304 matmul (L2 chosen on <= 15k rows, then one refit on all); the
-# raw-pixel fits ~345 such passes.
+# took 1263 s of 1984 (layer 6 chosen): per probed model, features of 5000 (layer sweep) + 70k images
+# through up to all blocks, at ~0.9x the rate measure_speeds sees (82k full-depth equivalents below),
+# and L-BFGS fits worth ~1440 passes of a 60k x 2304 matmul; the raw-pixel fits ~500 such passes.
+# A run whose sweep picks a shallower layer finishes early (layer 3: probes 738 s).
 FEATURE_IMAGES_PER_MODEL = 82_000
-FIT_PASSES_PER_MODEL = 1035
-PIXEL_FIT_PASSES = 345
+FIT_PASSES_PER_MODEL = 1440
+PIXEL_FIT_PASSES = 500
 ESTIMATE_MARGIN = 1.05  # fixed stages are predicted, not fitted: err a little on the long side
 RANDOM_INIT_MAX_SHARE = 1 / 3  # the random-init baseline runs only if the whole probe stage fits in this share
 SLACK_S = 45.0  # generation, plots, report, process start

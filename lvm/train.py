@@ -99,9 +99,11 @@ def train(cfg: TrainConfig) -> dict:
         while done < budget.steps:
             loss, grad_norm = _train_step(run, done)
             done += 1
-            if budget.observe(done, run.spent_before) and run.is_main:
+            if budget.observe(done, run.spent_before):  # every rank decides at the same step; rank 0's count wins
+                budget.steps = int(_from_rank0(budget.steps, run))
                 bar.total = budget.steps
-                print(f"train: {budget.steps} steps fit the {cfg.time_budget:g}-minute budget", flush=True)
+                if run.is_main:
+                    print(f"train: {budget.steps} steps fit the {cfg.time_budget:g}-minute budget", flush=True)
             record = {"step": done}
             if done % cfg.log_every == 0 or done == budget.steps:
                 now = time.time()
@@ -111,7 +113,7 @@ def train(cfg: TrainConfig) -> dict:
                               grad_norm=round(grad_norm, 4), tokens_per_s=round(tok_s, 1),
                               epoch=round(run.packer.epoch_of(done), 4))
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
-            out_of_time = _agree(budget.out_of_time(run.spent_before), run)
+            out_of_time = budget.seconds > 0 and bool(_from_rank0(budget.out_of_time(run.spent_before), run))
             if done % cfg.eval_every == 0 or done == budget.steps or out_of_time:
                 eval_loss = evaluate(run.model, run.eval_set, run.context_len, run.micro_rows, cfg.eval_rows,
                                      run.device, run.autocast, cfg.sentence_attention)
@@ -279,13 +281,13 @@ def _gradient_sync(run: _Run, sync: bool):
     return nullcontext()
 
 
-def _agree(flag: bool, run: _Run) -> bool:
-    """Every rank must stop at the same step: rank 0's clock decides."""
-    if run.world > 1 and run.budget.seconds > 0:
-        t = torch.tensor([float(flag)], device=run.device)
+def _from_rank0(value: float, run: _Run) -> float:
+    """Rank 0's ``value`` on every rank: stopping and the run's length must not depend on each rank's clock."""
+    if run.world > 1:
+        t = torch.tensor([float(value)], device=run.device)
         dist.broadcast(t, src=0)
-        return bool(t.item())
-    return flag
+        return t.item()
+    return value
 
 
 def _save(run: _Run, step: int, spent: float) -> None:
