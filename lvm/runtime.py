@@ -159,9 +159,6 @@ class EpochSampler:
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen)
         return self._perm[pos * self.batch_size : (pos + 1) * self.batch_size]
 
-    def epoch_of(self, steps: int) -> float:
-        return steps / self.per_epoch
-
 
 # ---- bookkeeping ---------------------------------------------------------------------------------
 

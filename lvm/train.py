@@ -135,11 +135,6 @@ def train(cfg: TrainConfig) -> dict:
     return _summary(run, done, loss, eval_loss, time.time() - t_start, stopped_early)
 
 
-def lr_at(step: int, cfg: TrainConfig, steps: int | None = None) -> float:
-    """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``steps`` (default ``cfg.steps``)."""
-    return cfg.lr * warmup_cosine(step, steps or cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
-
-
 @dataclass
 class _Run:
     """Everything the step function and the loop share, built once by ``_setup``."""
