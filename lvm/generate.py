@@ -19,7 +19,8 @@ from lvm.data import SpecialTokens, visual_sentence
 from lvm.model import LVM
 from lvm.report import save_image_grid
 from lvm.runtime import ConfigError
-from tokenizer.images import ImageSourceError, load_images, transform_images
+from tokenizer.images import ImageSourceError, open_images, transform_images
+from tokenizer.splits import DEFAULT_TEST_FRACTION
 
 
 @dataclass
@@ -30,6 +31,8 @@ class GenerateConfig:
     tokenizer: str = ""  # tokenizer folder; empty -> the one the checkpoint's training data was made with
     source: str = "fashion-mnist"  # where prompt images come from
     split: str = "test"
+    test_fraction: float = DEFAULT_TEST_FRACTION  # sources without a named split: share held out as test (by path hash)
+    test_source: str = ""  # an explicit test set to draw prompts from (with split 'test')
     first: int = 0  # index of the first prompt image in the source
     prompts: int = 4  # number of prompt sentences
     prompt_images: int = 1  # images per prompt sentence
@@ -48,13 +51,14 @@ def generate(cfg: GenerateConfig) -> dict:
     _check_config(cfg)
     model, tok, ckpt = load_model_and_tokenizer(cfg.checkpoint, cfg.tokenizer)
     need = cfg.prompts * cfg.prompt_images
-    images = load_images(cfg.source, cfg.split, size=tok.config.image_size, channels=tok.config.channels,
-                         limit=cfg.first + need).images[cfg.first :]
-    if len(images) < need:
+    source = open_images(cfg.source, cfg.split, size=tok.config.image_size, channels=tok.config.channels,
+                         test_fraction=cfg.test_fraction, test_source=cfg.test_source or None)
+    if len(source) - cfg.first < need:
         raise ImageSourceError(
-            f"{cfg.source}: {len(images)} images after --first {cfg.first}, need {need} (--prompts x --prompt-images); "
-            "lower --first, --prompts or --prompt-images, or use a larger source."
+            f"{cfg.source}: {max(len(source) - cfg.first, 0)} {cfg.split} images after --first {cfg.first}, need "
+            f"{need} (--prompts x --prompt-images); lower --first, --prompts or --prompt-images, or use a larger source."
         )
+    images = source.select(np.arange(cfg.first, cfg.first + need)).load(progress=False).images
     prompts = images[:need].reshape(cfg.prompts, cfg.prompt_images, *images.shape[1:])
     result = continue_images(
         model, tok, prompts, cfg.samples, cfg.temperature, cfg.top_k or None,

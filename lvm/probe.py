@@ -32,7 +32,8 @@ from lvm.checkpoint import load_model_and_tokenizer, require_same_tokenizer
 from lvm.data import SpecialTokens, image_rows
 from lvm.model import LVM
 from lvm.runtime import PRECISIONS, mixed_precision
-from tokenizer.images import ImageSet, load_images
+from tokenizer.images import ImageSet, image_set_source, load_images
+from tokenizer.splits import DEFAULT_TEST_FRACTION, align_labels, find_overlap
 
 if TYPE_CHECKING:
     from tokenizer.model import Tokenizer
@@ -54,8 +55,9 @@ class ProbeConfig:
     tokenizer: str = ""  # empty -> the tokenizer recorded with the checkpoint
     source: str = "fashion-mnist"  # labelled images for probe training
     split: str = "train"
-    test_source: str = ""  # empty -> same source, test_split
+    test_source: str = ""  # an explicit labelled test set; empty -> the source's test side
     test_split: str = "test"
+    test_fraction: float = DEFAULT_TEST_FRACTION  # sources without a named split: share held out as test (by path hash)
     layers: list[int] = field(default_factory=list)  # empty -> sweep every layer on a subset, keep the best
     methods: list[str] = field(default_factory=lambda: ["linear"])  # linear, attentive, finetune
     pool: str = "grid"  # the linear probe's pooling: mean, grid, tokens (all token states concatenated)
@@ -131,17 +133,30 @@ def _check_config(cfg: ProbeConfig) -> None:
 
 
 def _labelled_sets(cfg: ProbeConfig, tok: Tokenizer) -> tuple[ImageSet, ImageSet]:
-    """Train and test images at the tokenizer's size; both must carry labels."""
+    """Train and test images at the tokenizer's size, labelled alike, with no image on both sides."""
     size, channels = tok.config.image_size, tok.config.channels
-    train_set = load_images(cfg.source, cfg.split, size=size, channels=channels, limit=cfg.limit_train or None)
-    test_set = load_images(cfg.test_source or cfg.source, cfg.test_split, size=size, channels=channels,
-                           limit=cfg.limit_test or None)
+    sides = {"test_fraction": cfg.test_fraction, "test_source": cfg.test_source or None}
+    train_set = load_images(cfg.source, cfg.split, size=size, channels=channels, limit=cfg.limit_train or None,
+                            **sides)
+    test_set = load_images(cfg.source, cfg.test_split, size=size, channels=channels, limit=cfg.limit_test or None,
+                           **sides)
     for name, s in (("source", train_set), ("test_source", test_set)):
         if s.labels is None:
             raise ProbeError(
                 f"{s.source} has no labels; probes need labelled images (a folder with one sub-folder per class, "
-                f"IDX with a labels file, or .npz with 'labels'); pass a labelled --{name.replace('_', '-')}."
+                "a labels.csv of path,label rows, IDX with a labels file, or .npz with 'labels'); pass a labelled "
+                f"--{name.replace('_', '-')}."
             )
+    test_set.labels = align_labels(test_set.labels, test_set.class_names, train_set.class_names, test_set.source)
+    present = np.unique(train_set.labels)
+    if len(present) < 2:
+        raise ProbeError(f"{train_set.source}: the training side holds {len(present)} class; probes need at least 2.")
+    missing = sorted(set(np.unique(test_set.labels).tolist()) - set(present.tolist()))
+    if missing:
+        names = [train_set.class_names[i] if train_set.class_names else str(i) for i in missing]
+        raise ProbeError(f"{train_set.source}: class(es) {names} have test images but no training images; "
+                         "add training images of them or drop them from the test set.")
+    find_overlap(image_set_source(test_set), [image_set_source(train_set)], progress=False)
     return train_set, test_set
 
 
@@ -271,8 +286,18 @@ def pool_tokens(tokens: torch.Tensor, pool: str, hw: tuple[int, int], grid: int 
     return torch.cat(chunks)
 
 
+PIXEL_FEATURES_MAX = 28 * 28 * 3  # larger images are area-downsampled to this many values
+
+
 def pixel_features(images: ImageSet) -> torch.Tensor:
-    return torch.from_numpy(images.images.reshape(len(images), -1)).float() / 255.0
+    """The raw-pixel baseline: pixels in [0, 1], area-downsampled to at most PIXEL_FEATURES_MAX values
+    (28x28 RGB) so that a 64 px RGB baseline costs what the LVM's probe costs, not 5x more."""
+    x = torch.from_numpy(np.ascontiguousarray(images.images)).permute(0, 3, 1, 2).float() / 255.0  # [N, C, H, W]
+    n, c, h, w = x.shape
+    if c * h * w > PIXEL_FEATURES_MAX:
+        side = int(math.sqrt(PIXEL_FEATURES_MAX / c))
+        x = F.adaptive_avg_pool2d(x, (min(h, side), min(w, side)))
+    return x.permute(0, 2, 3, 1).reshape(n, -1)
 
 
 def pick_layer(

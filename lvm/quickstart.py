@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from tokenizer.atomic import write_json_atomic, write_text_atomic
+from tokenizer.splits import write_split_record
 
 MAX_TOKENIZER_STEPS = 1000  # 1000 steps: 23.6 dB; more adds little
 MAX_LVM_STEPS = 1500  # 4 epochs of Fashion-MNIST; probes gained +0.6 point at 10 % labels over 500 steps
@@ -46,7 +47,14 @@ class QuickstartConfig:
     """``lvm quickstart``: tokenizer, LVM pretraining, continuations and label-efficiency probes."""
 
     out: str = "runs/quickstart"  # everything lands here; re-running resumes
-    source: str = "fashion-mnist"  # labelled images with a train/test split
+    source: str = "fashion-mnist"  # labelled images: folder (class sub-folders or labels.csv), CSV, IDX, .npy/.npz, fashion-mnist
+    test_source: str = ""  # an explicit labelled test set; empty -> test_fraction of the source, chosen by path hash
+    test_fraction: float = 0.2  # share of a source without a named split held out as test (never trained on)
+    unlabeled: list[str] = field(default_factory=list)  # more image folders/files the tokenizer and LVM pretrain on
+    image_size: int = 0  # 0 = the images' size (mixed sizes: the most common, stated in the report)
+    channels: int = 0  # 0 = the images' (grey if all are grey, else RGB)
+    grid: int = 0  # tokens per side; 0 = at most 8 (7x7 for 28 px)
+    on_error: str = "fail"  # unreadable image files: fail, or skip them (counted in the report)
     fast: bool = False  # a smoke run of about a minute (subset, tiny sizes, fixed steps)
     time_budget: float = 30.0  # minutes for the whole run, split over the stages from measured speeds; 0 = none
     preset: str = "small"  # LVM size for the default run
@@ -54,7 +62,7 @@ class QuickstartConfig:
     lvm_steps: int = 0  # 0 -> as many as fit the budget, at most 1500; N -> exactly N
     lvm_batch_size: int = 16
     lvm_lr: float = 2e-3
-    context_len: int = 510  # 10 Fashion-MNIST sentences of 51 tokens
+    context_len: int = 512  # tokens per training row, rounded down to whole sentences (10 of 51 for 28 px)
     compile: str = "auto"  # torch.compile the LVM: auto (where bf16 is fast: 1.55x steps on AMX, 1.04x in fp32 on an AMD EPYC), yes, no
     precision: str = "auto"  # tokenizer, LVM and feature extraction: auto (bf16 on CUDA and AMX CPUs), bf16, fp32
     probe_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 0.3, 1.0])
@@ -77,18 +85,27 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "quickstart_config.json", asdict(cfg))
     fast = cfg.fast
-    budget = Budget.load_or_plan(out, cfg)
+
+    # 0. sides: which images are test, checked against everything that trains --------------------
+    print("\n== quickstart: split ==", flush=True)
+    t0 = time.time()
+    split = write_split_record(out / "split.json", cfg.source, cfg.test_source or None, cfg.unlabeled,
+                               cfg.test_fraction, cfg.image_size or None, cfg.channels or None, cfg.on_error)
+    sides = {"test_fraction": cfg.test_fraction, "test_source": cfg.test_source}
+    budget = Budget.load_or_plan(out, cfg, split, time.time() - t0)
     stages = budget.stages
 
     # 1. tokenizer ------------------------------------------------------------------------------
     budget.start("tokenizer")
     tok_dir = out / "tokenizer"
+    height, _, channels = split["image_shape"]
     if not (tok_dir / "eval.json").exists():
         train_tokenizer(TokenizerTrainConfig(
-            data=cfg.source, out_dir=str(tok_dir), steps=300 if fast else cfg.tokenizer_steps or MAX_TOKENIZER_STEPS,
+            data=cfg.source, unlabeled=cfg.unlabeled, out_dir=str(tok_dir), image_size=height, channels=channels,
+            grid=cfg.grid, steps=300 if fast else cfg.tokenizer_steps or MAX_TOKENIZER_STEPS,
             time_budget=0 if fast or cfg.tokenizer_steps else budget.share("tokenizer") / 60,
             limit=3000 if fast else 0, eval_holdout=500, seed=cfg.seed, precision=cfg.precision,
-            **({"widths": "32,32", "eval_every": 0} if fast else {}),
+            **({"width": 32, "eval_every": 0, "max_eval_images": 1000} if fast else {}), **sides,
         ))
     tok_eval = json.loads((tok_dir / "eval.json").read_text())
     budget.end("tokenizer", steps=tok_eval.get("steps"))
@@ -96,18 +113,20 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     # 2. tokens ---------------------------------------------------------------------------------
     budget.start("tokenize")
     limit = {"train": 3000, "test": 1000} if fast else {"train": 0, "test": 0}
-    for split in ("train", "test"):
-        run_tokenize(TokenizeConfig(source=cfg.source, tokenizer=str(tok_dir), out=str(out / "tokens" / split),
-                                    split=split, limit=limit[split]))
+    for side in ("train", "test"):
+        run_tokenize(TokenizeConfig(source=cfg.source, tokenizer=str(tok_dir), out=str(out / "tokens" / side),
+                                    split=side, limit=limit[side], on_error=cfg.on_error,
+                                    unlabeled=cfg.unlabeled if side == "train" else [], **sides))
     train_tokens = read_token_shards(out / "tokens" / "train")
     budget.end("tokenize")
 
     # 3. LVM pretraining --------------------------------------------------------------------------
     budget.start("pretrain")
     lvm_dir = out / "lvm"
+    sentence = int(np.prod(train_tokens.meta["grid"])) + 2  # [BOS] image [EOS]
     summary = train(TrainConfig(
         data=str(out / "tokens" / "train"), eval_data=str(out / "tokens" / "test"), out=str(lvm_dir),
-        preset="tiny" if fast else cfg.preset, context_len=102 if fast else cfg.context_len,
+        preset="tiny" if fast else cfg.preset, context_len=context_for(sentence, 128 if fast else cfg.context_len),
         steps=300 if fast else (cfg.lvm_steps or MAX_LVM_STEPS),
         time_budget=0 if fast or cfg.lvm_steps else budget.share("pretrain") / 60,
         batch_size=8 if fast else cfg.lvm_batch_size, lr=cfg.lvm_lr,
@@ -120,8 +139,8 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     # 4. continuations --------------------------------------------------------------------------
     budget.start("generate")
     gen = generate(GenerateConfig(checkpoint=str(lvm_dir), source=cfg.source, split="test", prompts=6,
-                                  samples=5, complete_rows=3, temperature=1.0, top_k=0, seed=cfg.seed,
-                                  out=str(out / "generate")))
+                                  samples=5, complete_rows=max(1, train_tokens.meta["grid"][0] * 3 // 7),
+                                  temperature=1.0, top_k=0, seed=cfg.seed, out=str(out / "generate"), **sides))
     budget.end("generate")
 
     # 5. probes ---------------------------------------------------------------------------------
@@ -133,7 +152,7 @@ def quickstart(cfg: QuickstartConfig) -> dict:
             methods=cfg.probe_methods, **({"head_max_steps": 200, "finetune_max_steps": 30} if fast else {}),
             grid=cfg.probe_grid, seeds=cfg.probe_seeds, sweep_images=1000 if fast else 5000,
             limit_train=3000 if fast else 0, limit_test=1000 if fast else 0, out=str(probe_dir), seed=cfg.seed,
-            precision=cfg.precision, random_init=budget.measured.get("random_init", True),
+            precision=cfg.precision, random_init=budget.measured.get("random_init", True), **sides,
         ))
     probe = json.loads((probe_dir / "probe.json").read_text())
     budget.end("probe")
@@ -142,11 +161,16 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     from lvm.report import plot_loss_curve
 
     plot_loss_curve(lvm_dir / "metrics.jsonl", out / "loss_curve.png", unigram_entropy=entropy)
-    report = write_report(out, cfg, tok_eval, summary, entropy, probe, budget)
+    report = write_report(out, cfg, tok_eval, summary, entropy, probe, budget, split)
     print(f"\nquickstart report: {report}")
     return {"report": str(report), "tokenizer_psnr_db": tok_eval.get("psnr_db"), "eval_loss": summary["eval_loss"],
             "unigram_entropy": entropy, "grid": gen["grid"], "timings_s": {k: v.get("seconds") for k, v in stages.items()},
             "steps": {k: v["steps"] for k, v in stages.items() if "steps" in v}, "budget_s": budget.total_s}
+
+
+def context_for(sentence: int, context_len: int) -> int:
+    """Whole sentences per training row: at most ``context_len`` tokens, at least one sentence."""
+    return max(1, context_len // sentence) * sentence
 
 
 def use_compile(cfg: QuickstartConfig) -> bool:
@@ -178,21 +202,25 @@ class Budget:
         self._t0: float | None = None
 
     @classmethod
-    def load_or_plan(cls, out: Path, cfg: QuickstartConfig) -> "Budget":
+    def load_or_plan(cls, out: Path, cfg: QuickstartConfig, split: dict | None = None,
+                     split_s: float = 0.0) -> "Budget":
         path = out / "budget.json"
         if path.exists():
             saved = json.loads(path.read_text())
-            return cls(path, saved["total_s"], saved["stages"], saved["measured"])
-        total = 0.0 if cfg.fast else cfg.time_budget * 60
-        measured = measure_speeds(cfg.precision) if total > 0 else {}
-        stages = {name: {} for name in ("tokenizer", "tokenize", "pretrain", "generate", "probe")}
-        if measured:  # the random-init baseline doubles the probe stage: kept where it is a small part
-            both = 2 * measured["probe_s_per_model"] + measured["probe_pixels_s"]
-            measured["random_init"] = both <= RANDOM_INIT_MAX_SHARE * total
-            probe_s = both if measured["random_init"] else both - measured["probe_s_per_model"]
-            stages["tokenize"]["estimate_s"] = round(measured["tokenize_s"], 1)
-            stages["probe"]["estimate_s"] = round(probe_s, 1)
-        budget = cls(path, total, stages, measured)
+            budget = cls(path, saved["total_s"], saved["stages"], saved["measured"])
+        else:
+            total = 0.0 if cfg.fast else cfg.time_budget * 60
+            measured = measure_speeds(cfg.precision, RunShape.of(split, cfg.grid)) if total > 0 else {}
+            stages = {name: {} for name in ("split", "tokenizer", "tokenize", "pretrain", "generate", "probe")}
+            if measured:  # the random-init baseline doubles the probe stage: kept where it is a small part
+                both = 2 * measured["probe_s_per_model"] + measured["probe_pixels_s"]
+                measured["random_init"] = both <= RANDOM_INIT_MAX_SHARE * total
+                probe_s = both if measured["random_init"] else both - measured["probe_s_per_model"]
+                stages["tokenize"]["estimate_s"] = round(measured["tokenize_s"], 1)
+                stages["probe"]["estimate_s"] = round(probe_s, 1)
+            budget = cls(path, total, stages, measured)
+        record = budget.stages.setdefault("split", {})
+        record["seconds"] = round(record.get("seconds", 0.0) + split_s, 1)
         budget.save()
         return budget
 
@@ -228,33 +256,62 @@ class Budget:
         write_json_atomic(self.path, {"total_s": self.total_s, "stages": self.stages, "measured": self.measured})
 
 
-def measure_speeds(precision: str = "auto") -> dict:
+@dataclass
+class RunShape:
+    """What the stage costs scale with: image shape, token grid, and images per side."""
+
+    image_shape: tuple[int, int, int] = (28, 28, 1)
+    grid: int = 0  # tokens per side; 0 = the tokenizer's default for the size
+    train: int = 60_000  # labelled training images
+    test: int = 10_000
+    unlabeled: int = 0
+
+    @classmethod
+    def of(cls, split: dict | None, grid: int = 0) -> "RunShape":
+        if not split:
+            return cls(grid=grid)
+        return cls(tuple(split["image_shape"]), grid, sum(split["train"].values()), sum(split["test"].values()),
+                   sum(split.get("unlabeled", {}).values()))
+
+
+def measure_speeds(precision: str = "auto", shape: RunShape | None = None) -> dict:
     """A few seconds of timing that predict the fixed stages on this machine: the small LVM's
     forward (feature extraction), the tokenizer's encoder (tokenizing), and the matmul shape of
-    the linear-probe fits. Returns rates and the predicted seconds of the tokenize and probe stages."""
+    the linear-probe fits, scaled to the run's image counts, size and grid. Returns rates and the
+    predicted seconds of the tokenize and probe stages."""
     import torch
 
     from lvm.config import LVMConfig
     from lvm.model import LVM
     from lvm.runtime import mixed_precision
-    from tokenizer.model import Tokenizer, TokenizerConfig
+    from tokenizer.model import Tokenizer, TokenizerConfig, auto_layout
 
+    shape = shape or RunShape()
+    size, _, channels = shape.image_shape
+    patch, downsamplings = auto_layout(size, shape.grid)
     device = torch.device("cpu")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad(), mixed_precision(device, precision):
-        lvm = LVM(LVMConfig.preset("small", vocab_size=1004)).eval()
-        ids = torch.randint(0, 1000, (256, 50), generator=gen)
+        tok = Tokenizer(TokenizerConfig(image_size=size, channels=channels, patch_size=patch,
+                                        widths=(64,) * (downsamplings + 1))).eval()
+        tokens = tok.grid[0] * tok.grid[1]
+        lvm = LVM(LVMConfig.preset("small", vocab_size=1004, max_seq_len=max(512, tokens + 2))).eval()
+        ids = torch.randint(0, 1000, (256, tokens + 1), generator=gen)
         forward_s = _best_time(lambda: lvm.hidden_states(ids, layers=[lvm.config.n_layer]))
-        tok = Tokenizer(TokenizerConfig(image_size=28, channels=1)).eval()
-        images = torch.rand(512, 1, 28, 28, generator=gen)
+        images = torch.rand(min(512, max(64, 2**22 // (size * size * channels))), channels, size, size, generator=gen)
         encode_s = _best_time(lambda: tok.encode(images))
     x, w = torch.randn(15_000, 2304, generator=gen), torch.randn(2304, 10, generator=gen)
     pass_s = 4 * _best_time(lambda: (x @ w).T @ x, repeats=2)  # forward + weight gradient, scaled to 60k rows
-    forward_ips, encode_ips = 256 / forward_s, 512 / encode_s
-    per_model = ESTIMATE_MARGIN * (FEATURE_IMAGES_PER_MODEL / forward_ips + FIT_PASSES_PER_MODEL * pass_s)
+    forward_ips, encode_ips = 256 / forward_s, len(images) / encode_s
+    rows = shape.train / 60_000  # fits scale with the labelled rows; calibrated at Fashion-MNIST's 60k
+    feature_images = FEATURE_IMAGES_PER_MODEL / 75_000 * (min(5000, shape.train) + shape.train + shape.test)
+    per_model = ESTIMATE_MARGIN * (feature_images / forward_ips + FIT_PASSES_PER_MODEL * rows * pass_s)
+    pixel_dims = max(1.0, size * size * channels / 784)
     return {"forward_images_per_s": round(forward_ips, 1), "encode_images_per_s": round(encode_ips, 1),
-            "fit_pass_s": round(pass_s, 4), "tokenize_s": ESTIMATE_MARGIN * 70_000 / encode_ips + 10.0,
-            "probe_s_per_model": per_model, "probe_pixels_s": ESTIMATE_MARGIN * PIXEL_FIT_PASSES * pass_s,
+            "fit_pass_s": round(pass_s, 4),
+            "tokenize_s": ESTIMATE_MARGIN * (shape.train + shape.test + shape.unlabeled) / encode_ips + 10.0,
+            "probe_s_per_model": per_model,
+            "probe_pixels_s": ESTIMATE_MARGIN * PIXEL_FIT_PASSES * rows * pixel_dims * pass_s,
             "torch_threads": torch.get_num_threads()}
 
 
@@ -276,7 +333,7 @@ def unigram_entropy(tokens: np.ndarray) -> float:
 
 
 def write_report(out: Path, cfg: QuickstartConfig, tok_eval: dict, train_summary: dict, entropy: float,
-                 probe: dict, budget: Budget) -> Path:
+                 probe: dict, budget: Budget, split: dict) -> Path:
     """One Markdown page with every figure and picture of the run."""
     probe_md = (out / "probe" / "probe.md").read_text()
     lines = [
@@ -285,9 +342,11 @@ def write_report(out: Path, cfg: QuickstartConfig, tok_eval: dict, train_summary
         f"Source: `{cfg.source}`; mode: {'fast smoke run' if cfg.fast else 'default'}.",
         "",
         *budget_lines(budget, cfg),
+        *split_lines(split, out),
         "## 1. Visual tokenizer",
         "",
-        f"Held-out PSNR **{tok_eval.get('psnr_db', float('nan')):.2f} dB**, codebook usage "
+        f"{tok_eval.get('grid', ['?', '?'])[0]}x{tok_eval.get('grid', ['?', '?'])[1]} tokens per image of "
+        f"{tok_eval.get('vocab_size', '?')} codes. Held-out PSNR **{tok_eval.get('psnr_db', float('nan')):.2f} dB**, codebook usage "
         f"**{100 * tok_eval.get('codebook_usage', float('nan')):.1f} %**, perplexity "
         f"{tok_eval.get('perplexity', float('nan')):.0f}, encoding {tok_eval.get('encode_images_per_s', 0):,.0f} images/s.",
         "",
@@ -323,6 +382,35 @@ def write_report(out: Path, cfg: QuickstartConfig, tok_eval: dict, train_summary
         "",
     ]
     return write_text_atomic(out / "report.md", "\n".join(lines))
+
+
+def split_lines(split: dict, out: Path) -> list[str]:
+    """The data the run used: image shape, the split rule, images per side and class, warnings."""
+    h, w, c = split["image_shape"]
+    lines = ["## 0. Data", "",
+             f"Images read at {h}x{w}, {'RGB' if c == 3 else 'grey'}. Split: {split['rule']} (`split.json`); "
+             f"{split['checked']}.", ""]
+    lines += [f"- {note}" for note in split.get("notes", [])]
+    skipped = _skipped_files(out)
+    if skipped:
+        lines.append(f"- {len(skipped)} unreadable file(s) skipped (`--on-error skip`), e.g. {', '.join(skipped[:3])}")
+    lines += ["", "| class | train | test |", "|---|---|---|"]
+    lines += [f"| {name} | {n} | {split['test'].get(name, 0)} |" for name, n in split["train"].items()]
+    lines.append(f"| **all** | {sum(split['train'].values())} | {sum(split['test'].values())} |")
+    for name, n in split.get("unlabeled", {}).items():
+        lines.append(f"| unlabeled: {name} | {n} | - |")
+    lines.append("")
+    lines += [f"**Warning:** {text}" for text in split.get("warnings", [])]
+    return lines + [""]
+
+
+def _skipped_files(out: Path) -> list[str]:
+    found = []
+    for side in ("train", "test"):
+        meta = out / "tokens" / side / "meta.json"
+        if meta.exists():
+            found += json.loads(meta.read_text()).get("skipped", [])
+    return found
 
 
 def budget_lines(budget: Budget, cfg: QuickstartConfig) -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,7 +27,8 @@ from lvm.runtime import (
 )
 from tokenizer.atomic import write_json_atomic
 from tokenizer.metrics import code_perplexity, codebook_usage, psnr, psnr_per_image
-from tokenizer.model import Tokenizer, TokenizerConfig
+from tokenizer.model import Tokenizer, TokenizerConfig, auto_layout
+from tokenizer.splits import DEFAULT_TEST_FRACTION
 
 STATE_NAME = "state.pt"  # model + optimizer inside each checkpoint folder
 
@@ -39,18 +40,25 @@ if TYPE_CHECKING:
 class TokenizerTrainConfig:
     """Everything a tokenizer run needs; fields map 1:1 to ``lvm tokenizer-train`` flags."""
 
-    data: str = "fashion-mnist"  # "fashion-mnist" | image folder | .npy/.npz | IDX file
-    split: str = "train"
+    data: str = "fashion-mnist"  # "fashion-mnist" | "skimage-crops" | image folder | labels CSV | .npy/.npz | IDX file
+    split: str = "train"  # train, test or all; sources without a named split are split by path hash
+    test_fraction: float = DEFAULT_TEST_FRACTION  # share of a source without a named split held out as test
+    test_source: str = ""  # an explicit test set: then 'train' is all of --data
+    unlabeled: list[str] = field(default_factory=list)  # more sources trained on whole (their labels unused)
     eval_data: str = ""  # "" = same source as `data`
     eval_split: str = "test"  # "" = hold out `eval_holdout` images of the training set instead
     eval_holdout: int = 1000
-    limit: int = 0  # use at most this many training images (0 = all)
+    limit: int = 0  # use at most this many training images, spread over the source (0 = all that fit max_memory_gib)
+    max_memory_gib: float = 1.0  # training images kept in memory: a larger source is subsampled evenly to fit
+    max_eval_images: int = 10_000  # held-out images measured at the end (spread evenly)
     out_dir: str = "runs/tokenizer"
-    # model (see TokenizerConfig); 0 = take image size / channels from the data
-    image_size: int = 0
-    channels: int = 0
-    patch_size: int = 2
-    widths: str = "64,64"
+    # model (see TokenizerConfig); 0 / "" = chosen from the data
+    image_size: int = 0  # 0 = the data's size (a folder of mixed sizes: the most common)
+    channels: int = 0  # 0 = the data's (grey if every image is grey, else RGB)
+    grid: int = 0  # tokens per side; 0 = the finest grid of at most 8 per side (7x7 for 28 px)
+    patch_size: int = 0  # 0 = from the image size and grid (see tokenizer.model.auto_layout)
+    widths: str = ""  # channels per resolution, e.g. "64,64"; "" = `width` at every level auto_layout needs
+    width: int = 64
     blocks_per_level: int = 1
     quantizer: str = "fsq"
     fsq_levels: str = "8,5,5,5"
@@ -83,12 +91,19 @@ class TokenizerTrainConfig:
     time_budget: float = 0.0  # minutes; > 0: the step count (<= steps) that fits, decided during warmup
 
     def model_config(self, image_size: int, channels: int) -> TokenizerConfig:
-        """The TokenizerConfig this run trains, with the data's size/channels filled in where 0."""
+        """The TokenizerConfig this run trains, with the data's size/channels and the layout filled in."""
+        size = self.image_size or image_size
+        patch, downsamplings = auto_layout(size, self.grid)
+        if self.patch_size or self.widths:
+            patch = self.patch_size or patch
+            widths = _int_list(self.widths, "widths") if self.widths else (self.width,) * (downsamplings + 1)
+        else:
+            widths = (self.width,) * (downsamplings + 1)
         return TokenizerConfig(
-            image_size=self.image_size or image_size,
+            image_size=size,
             channels=self.channels or channels,
-            patch_size=self.patch_size,
-            widths=_int_list(self.widths, "widths"),
+            patch_size=patch,
+            widths=widths,
             blocks_per_level=self.blocks_per_level,
             quantizer=self.quantizer,
             fsq_levels=_int_list(self.fsq_levels, "fsq_levels"),
@@ -252,14 +267,21 @@ def save_recon_grid(model: Tokenizer, images_u8: torch.Tensor, path: str | Path,
 
 
 def _load_data(cfg: TokenizerTrainConfig, train_set, eval_set) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training and held-out images as ``uint8 [N, C, H, W]`` tensors."""
+    """Training and held-out images as ``uint8 [N, C, H, W]`` tensors. A source larger than
+    ``max_memory_gib`` is subsampled evenly (the tokenizer sees at most steps x batch images anyway)."""
     size, ch = cfg.image_size or None, cfg.channels or None
     if train_set is None:
-        from tokenizer.images import load_images
+        from tokenizer.shards import open_source
 
-        train_set = load_images(
-            cfg.data, split=cfg.split, size=size, channels=ch, limit=cfg.limit or None, progress=cfg.progress
-        )
+        source = open_source(cfg.data, cfg.split, size, ch, limit=cfg.limit or None, test_fraction=cfg.test_fraction,
+                             test_source=cfg.test_source or None, unlabeled=cfg.unlabeled)
+        size, ch = source.shape[0], source.channels
+        fit = max(1, int(cfg.max_memory_gib * 2**30 // max(1, int(np.prod(source.shape)))))
+        if len(source) > fit:
+            print(f"tokenizer: {len(source)} training images exceed --max-memory-gib {cfg.max_memory_gib}; "
+                  f"training on {fit} spread evenly over them")
+            source = source.select(np.unique(np.linspace(0, len(source) - 1, fit).round().astype(np.int64)))
+        train_set = source.load(cfg.progress)
     train = _to_nchw(train_set.images, "train")
     if cfg.limit:
         train = train[: cfg.limit]
@@ -267,7 +289,9 @@ def _load_data(cfg: TokenizerTrainConfig, train_set, eval_set) -> tuple[torch.Te
         from tokenizer.images import load_images
 
         eval_set = load_images(
-            cfg.eval_data or cfg.data, split=cfg.eval_split, size=size, channels=ch, progress=cfg.progress
+            cfg.eval_data or cfg.data, split=cfg.eval_split, size=size, channels=ch, progress=cfg.progress,
+            limit=cfg.max_eval_images or None, test_fraction=cfg.test_fraction,
+            test_source=(cfg.test_source or None) if not cfg.eval_data else None,
         )
     if eval_set is not None:
         return train, _to_nchw(eval_set.images, "eval")

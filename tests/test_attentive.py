@@ -80,7 +80,7 @@ def test_fine_tune_trains_a_copy_and_learns(tiny_pipeline):
 
 
 def test_probe_every_method_end_to_end(tiny_pipeline, tmp_path):
-    cfg = ProbeConfig(checkpoint=tiny_pipeline["lvm"], source=tiny_pipeline["npz"], test_source=tiny_pipeline["npz"],
+    cfg = ProbeConfig(checkpoint=tiny_pipeline["lvm"], source=tiny_pipeline["npz"],
                       methods=["linear", "attentive", "finetune"], fractions=[0.5, 1.0], seeds=1, layers=[1],
                       head_max_steps=30, finetune_max_steps=10, head_batch_size=16, out=str(tmp_path))
     rows = run_probe(cfg)["rows"]

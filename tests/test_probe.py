@@ -30,7 +30,7 @@ def test_subset_is_class_balanced():
 
 
 def test_probe_end_to_end(tiny_pipeline, tmp_path):
-    cfg = ProbeConfig(checkpoint=tiny_pipeline["lvm"], source=tiny_pipeline["npz"], test_source=tiny_pipeline["npz"],
+    cfg = ProbeConfig(checkpoint=tiny_pipeline["lvm"], source=tiny_pipeline["npz"],
                       fractions=[0.25, 1.0], seeds=2, sweep_images=60, out=str(tmp_path), pool="grid", grid=2)
     summary = run_probe(cfg)
     rows = summary["rows"]

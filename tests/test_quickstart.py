@@ -30,7 +30,7 @@ def test_budget_shares_follow_the_measured_fixed_stages(tmp_path, monkeypatch):
 
     fake = {"forward_images_per_s": 1.0, "encode_images_per_s": 1.0, "fit_pass_s": 0.1,
             "tokenize_s": 120.0, "probe_s_per_model": 250.0, "probe_pixels_s": 100.0}
-    monkeypatch.setattr(qs, "measure_speeds", lambda precision: fake)
+    monkeypatch.setattr(qs, "measure_speeds", lambda precision, shape=None: fake)
     budget = qs.Budget.load_or_plan(tmp_path, QuickstartConfig(out=str(tmp_path), time_budget=30))
     left = 1800 - 120 - 600 - qs.SLACK_S
     assert budget.share("tokenizer") == pytest.approx(qs.TOKENIZER_SHARE * left)
@@ -43,7 +43,7 @@ def test_budget_shares_follow_the_measured_fixed_stages(tmp_path, monkeypatch):
     assert "30-minute budget" in lines and "| tokenize | 120.0 | 100.0 |" in lines
     assert budget.measured["random_init"] and "left out" not in lines  # 600 s <= a third of 30 min
     slow = dict(fake, probe_s_per_model=400.0)  # 900 s > 600 s: the random-init model is left out
-    monkeypatch.setattr(qs, "measure_speeds", lambda precision: dict(slow))
+    monkeypatch.setattr(qs, "measure_speeds", lambda precision, shape=None: dict(slow))
     tight = qs.Budget.load_or_plan(tmp_path / "slow", QuickstartConfig(time_budget=30))
     assert not tight.measured["random_init"] and tight.stages["probe"]["estimate_s"] == 500.0
     assert "left out" in "\n".join(qs.budget_lines(tight, QuickstartConfig()))
@@ -68,3 +68,28 @@ def test_compile_only_where_it_pays(monkeypatch):
     assert not use_compile(QuickstartConfig()) and use_compile(QuickstartConfig(compile="yes"))
     with pytest.raises(ValueError, match="--compile 'maybe'"):
         use_compile(QuickstartConfig(compile="maybe"))
+
+
+def test_random_labels_on_a_folder_stay_near_chance(tmp_path):
+    """Regression for a leak: a folder has no published split, and once the probes were trained and
+    tested on the same images (100 % "test" accuracy on noise). Noise with random labels must score
+    near chance for every feature set, and the report must state the split it used."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(300):
+        cls = f"class{rng.integers(3)}"  # a random label: nothing in the pixels predicts it
+        (tmp_path / "imgs" / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    out = tmp_path / "qs"
+    quickstart(QuickstartConfig(out=str(out), source=str(tmp_path / "imgs"), fast=True, probe_fractions=[1.0]))
+    rows = json.loads((out / "probe" / "probe.json").read_text())["rows"]
+    assert {r["features"].split(" (")[0] for r in rows} >= {"lvm", "raw pixels"}
+    for row in rows:
+        assert row["acc_mean"] < 0.6, row  # chance is 1/3; a train/test leak gives ~1.0 on noise
+    split = json.loads((out / "split.json").read_text())
+    assert set(split["test_keys"]).isdisjoint(split["train_keys"])
+    assert sum(split["test"].values()) == len(split["test_keys"]) > 30
+    report = (out / "report.md").read_text()
+    assert "sha256(key)" in report and "| class0 |" in report

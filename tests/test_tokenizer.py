@@ -260,7 +260,7 @@ def test_holdout_split_when_no_eval_split(tmp_path):
     images = blobs(40, seed=2)
     np.save(tmp_path / "imgs.npy", images)
     cfg = TokenizerTrainConfig(
-        data=str(tmp_path / "imgs.npy"), eval_split="", eval_holdout=8, out_dir=str(tmp_path / "run"),
+        data=str(tmp_path / "imgs.npy"), split="all", eval_split="", eval_holdout=8, out_dir=str(tmp_path / "run"),
         patch_size=1, widths="8,16", fsq_levels="4,3,3", steps=3, batch_size=8, eval_every=0, recon_examples=2,
         progress=False, threads=1,
     )

@@ -111,6 +111,28 @@ class TokenizerConfig:
         return cls(**d)
 
 
+MAX_AUTO_GRID = 8  # tokens per side chosen by default: 7x7 for 28 px, 8x8 from 32 to 256 px
+
+
+def auto_layout(image_size: int, grid: int = 0) -> tuple[int, int]:
+    """``(patch_size, downsamplings)`` giving a ``grid x grid`` token grid (``grid=0``: the finest grid
+    of at most MAX_AUTO_GRID per side). Patching takes the first 2-4x (cheap on CPU: no conv at full
+    resolution), stride-2 levels the rest."""
+    if grid:
+        factor = image_size // grid
+        if grid < 1 or image_size % grid or factor & (factor - 1):
+            raise TokenizerError(
+                f"a {grid}x{grid} token grid needs image_size / grid to be a power of two; {image_size} px "
+                f"/ {grid} is not. Pick another --grid or --image-size."
+            )
+    else:
+        fits = [f for f in (2, 4, 8, 16, 32, 64) if image_size % f == 0 and image_size // f <= MAX_AUTO_GRID]
+        powers = [f for f in (1, 2, 4, 8, 16, 32) if image_size % f == 0]
+        factor = fits[0] if fits else powers[-1]
+    patch = factor if factor < 4 else min(factor // 2, 4)
+    return patch, int(math.log2(factor // patch))
+
+
 class Tokenizer(nn.Module):
     """Conv autoencoder with a discrete bottleneck; ``encode``/``decode`` map images <-> id grids."""
 
