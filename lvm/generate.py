@@ -33,6 +33,7 @@ class GenerateConfig:
     split: str = "test"
     test_fraction: float = DEFAULT_TEST_FRACTION  # sources without a named split: share held out as test (by path hash)
     test_source: str = ""  # an explicit test set to draw prompts from (with split 'test')
+    on_error: str = "fail"  # unreadable image files: 'fail' or 'skip'
     first: int = 0  # index of the first prompt image in the source
     prompts: int = 4  # number of prompt sentences
     prompt_images: int = 1  # images per prompt sentence
@@ -52,7 +53,7 @@ def generate(cfg: GenerateConfig) -> dict:
     model, tok, ckpt = load_model_and_tokenizer(cfg.checkpoint, cfg.tokenizer)
     need = cfg.prompts * cfg.prompt_images
     source = open_images(cfg.source, cfg.split, size=tok.config.image_size, channels=tok.config.channels,
-                         test_fraction=cfg.test_fraction, test_source=cfg.test_source or None)
+                         on_error=cfg.on_error, test_fraction=cfg.test_fraction, test_source=cfg.test_source or None)
     if len(source) - cfg.first < need:
         raise ImageSourceError(
             f"{cfg.source}: {max(len(source) - cfg.first, 0)} {cfg.split} images after --first {cfg.first}, need "

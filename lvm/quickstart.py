@@ -104,7 +104,7 @@ def quickstart(cfg: QuickstartConfig) -> dict:
             data=cfg.source, unlabeled=cfg.unlabeled, out_dir=str(tok_dir), image_size=height, channels=channels,
             grid=cfg.grid, steps=300 if fast else cfg.tokenizer_steps or MAX_TOKENIZER_STEPS,
             time_budget=0 if fast or cfg.tokenizer_steps else budget.share("tokenizer") / 60,
-            limit=3000 if fast else 0, eval_holdout=500, seed=cfg.seed, precision=cfg.precision,
+            limit=3000 if fast else 0, eval_holdout=500, seed=cfg.seed, precision=cfg.precision, on_error=cfg.on_error,
             **({"width": 32, "eval_every": 0, "max_eval_images": 1000} if fast else {}), **sides,
         ))
     tok_eval = json.loads((tok_dir / "eval.json").read_text())
@@ -140,7 +140,8 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     budget.start("generate")
     gen = generate(GenerateConfig(checkpoint=str(lvm_dir), source=cfg.source, split="test", prompts=6,
                                   samples=5, complete_rows=max(1, train_tokens.meta["grid"][0] * 3 // 7),
-                                  temperature=1.0, top_k=0, seed=cfg.seed, out=str(out / "generate"), **sides))
+                                  temperature=1.0, top_k=0, seed=cfg.seed, out=str(out / "generate"),
+                                  on_error=cfg.on_error, **sides))
     budget.end("generate")
 
     # 5. probes ---------------------------------------------------------------------------------

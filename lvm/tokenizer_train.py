@@ -45,6 +45,7 @@ class TokenizerTrainConfig:
     test_fraction: float = DEFAULT_TEST_FRACTION  # share of a source without a named split held out as test
     test_source: str = ""  # an explicit test set: then 'train' is all of --data
     unlabeled: list[str] = field(default_factory=list)  # more sources trained on whole (their labels unused)
+    on_error: str = "fail"  # unreadable image files: 'fail' or 'skip'
     eval_data: str = ""  # "" = same source as `data`
     eval_split: str = "test"  # "" = hold out `eval_holdout` images of the training set instead
     eval_holdout: int = 1000
@@ -273,8 +274,8 @@ def _load_data(cfg: TokenizerTrainConfig, train_set, eval_set) -> tuple[torch.Te
     if train_set is None:
         from tokenizer.shards import open_source
 
-        source = open_source(cfg.data, cfg.split, size, ch, limit=cfg.limit or None, test_fraction=cfg.test_fraction,
-                             test_source=cfg.test_source or None, unlabeled=cfg.unlabeled)
+        source = open_source(cfg.data, cfg.split, size, ch, cfg.on_error, cfg.limit or None, cfg.test_fraction,
+                             cfg.test_source or None, cfg.unlabeled)
         size, ch = source.shape[0], source.channels
         fit = max(1, int(cfg.max_memory_gib * 2**30 // max(1, int(np.prod(source.shape)))))
         if len(source) > fit:
@@ -289,7 +290,8 @@ def _load_data(cfg: TokenizerTrainConfig, train_set, eval_set) -> tuple[torch.Te
         from tokenizer.images import load_images
 
         eval_set = load_images(
-            cfg.eval_data or cfg.data, split=cfg.eval_split, size=size, channels=ch, progress=cfg.progress,
+            cfg.eval_data or cfg.data, split=cfg.eval_split, size=size, channels=ch, on_error=cfg.on_error,
+            progress=cfg.progress,
             limit=cfg.max_eval_images or None, test_fraction=cfg.test_fraction,
             test_source=(cfg.test_source or None) if not cfg.eval_data else None,
         )

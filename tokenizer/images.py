@@ -383,36 +383,70 @@ def _load_fashion_mnist(split: str, limit: int | None) -> ImageSet:
 # Named source: crops of scikit-image's bundled images
 # ---------------------------------------------------------------------------------------------
 
+MIN_CROP_STD = 2.0  # near-constant crops (black retina borders, empty sky) say nothing and repeat across splits
+
+
 @functools.lru_cache(maxsize=2)  # the stages of one quickstart read the same crops; making them takes a minute at 64 px
 def _load_skimage_crops(split: str, limit: int | None, size: int, channels: int, progress: bool = True) -> ImageSet:
     """Square crops (16-160 px, random place) of each bundled image, resized to ``size``.
 
-    Deterministic per split (train and test use different seeds, so no crop is shared exactly);
-    classes are balanced, label = source image.
+    Deterministic per split, and a prefix of the full split whatever ``limit`` is; classes come in
+    rounds of a permutation (any multiple of 18 images is balanced); label = source image. No test
+    crop repeats a training crop's box, and near-constant crops are redrawn, so no test image is a
+    training image (``tokenizer.splits.find_overlap`` checks it).
     """
     if split not in SKIMAGE_SIZES:
         raise ImageSourceError(f"split={split!r} is not a skimage-crops split; use 'train' or 'test'.")
+    sources = _skimage_sources()
+    labels, boxes = _skimage_plan(split, tuple(sources))
+    count = min(limit or SKIMAGE_SIZES[split], SKIMAGE_SIZES[split])
+    labels, boxes = labels[:count], boxes[:count]
+    mode = "L" if channels == 1 else "RGB"
+    images = np.empty((count, size, size, channels), np.uint8)
+    for k, name in enumerate(tqdm(SKIMAGE_IMAGES, desc="skimage crops", unit="image", leave=False, disable=not progress)):
+        src = Image.fromarray(sources[k]).convert(mode)
+        for i in np.flatnonzero(labels == k):
+            side, x, y = (int(v) for v in boxes[i])
+            arr = np.asarray(src.crop((x, y, x + side, y + side)).resize((size, size), Image.Resampling.BOX))
+            images[i] = arr[..., None] if arr.ndim == 2 else arr
+    images.setflags(write=False)  # cached and shared between callers
+    return ImageSet(images, labels.astype(np.int64), list(SKIMAGE_IMAGES), f"skimage-crops:{split}")
+
+
+def _skimage_sources() -> list[np.ndarray]:
     try:
         import skimage.data
     except ImportError:
         raise ImageSourceError("skimage-crops needs scikit-image; install it with 'pip install scikit-image'.") from None
-    count = min(limit or SKIMAGE_SIZES[split], SKIMAGE_SIZES[split])
+    return [_as_uint8(np.asarray(getattr(skimage.data, name)()), name) for name in SKIMAGE_IMAGES]
+
+
+_PLANS: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _skimage_plan(split: str, sources: tuple[np.ndarray, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Labels ``[N]`` and crop boxes ``[N, 3]`` (side, x, y) of a whole split; test avoids train's boxes."""
+    if split in _PLANS:
+        return _PLANS[split]
+    taken = set()
+    if split == "test":
+        train_labels, train_boxes = _skimage_plan("train", sources)
+        taken = {(int(k), *map(int, b)) for k, b in zip(train_labels, train_boxes)}
+    count, classes = SKIMAGE_SIZES[split], len(SKIMAGE_IMAGES)
     rng = np.random.default_rng({"train": 0, "test": 1}[split])
-    labels = np.arange(count) % len(SKIMAGE_IMAGES)
-    rng.shuffle(labels)
-    mode = "L" if channels == 1 else "RGB"
-    images = np.empty((count, size, size, channels), np.uint8)
-    for k, name in enumerate(tqdm(SKIMAGE_IMAGES, desc="skimage crops", unit="image", leave=False, disable=not progress)):
-        src = Image.fromarray(_as_uint8(np.asarray(getattr(skimage.data, name)()), name)).convert(mode)
-        w, h = src.size
-        for i in np.flatnonzero(labels == k):
+    labels = np.concatenate([rng.permutation(classes) for _ in range(-(-count // classes))])[:count]
+    boxes = np.empty((count, 3), np.int64)
+    grey = [src if src.ndim == 2 else src.mean(-1) for src in sources]
+    for i, k in enumerate(labels):
+        h, w = grey[k].shape
+        for _ in range(1000):
             side = int(rng.integers(16, min(160, w, h) + 1))
             x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
-            crop = src.crop((x, y, x + side, y + side)).resize((size, size), Image.Resampling.BOX)
-            arr = np.asarray(crop)
-            images[i] = arr[..., None] if arr.ndim == 2 else arr
-    images.setflags(write=False)  # cached and shared between callers
-    return ImageSet(images, labels.astype(np.int64), list(SKIMAGE_IMAGES), f"skimage-crops:{split}")
+            if (int(k), side, x, y) not in taken and grey[k][y : y + side, x : x + side].std() >= MIN_CROP_STD:
+                break
+        boxes[i] = side, x, y
+    _PLANS[split] = labels, boxes
+    return labels, boxes
 
 
 def _find_idx(root: Path, stem: str) -> Path | None:

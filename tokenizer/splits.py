@@ -49,11 +49,11 @@ def pixel_hash(image: np.ndarray) -> str:
 
 
 def pixel_hashes(source: "ImageSource", progress: bool = True, desc: str = "hashing") -> dict[str, str]:
-    """``{pixel hash: key}`` over a whole source, read in chunks (never all in memory)."""
+    """``{pixel hash: name}`` over a whole source, read in chunks (never all in memory)."""
     out: dict[str, str] = {}
     for positions, images in source.chunks(512, progress=progress, desc=desc):
-        for pos, img in zip(positions, images):
-            out.setdefault(pixel_hash(img), str(source.keys[pos]))
+        for pos, img in zip(positions, images):  # files by path, array images by their index
+            out.setdefault(pixel_hash(img), str(source.keys[pos]) if source.root else f"#{source.index[pos]}")
     return out
 
 
