@@ -93,3 +93,19 @@ def test_random_labels_on_a_folder_stay_near_chance(tmp_path):
     assert sum(split["test"].values()) == len(split["test_keys"]) > 30
     report = (out / "report.md").read_text()
     assert "sha256(key)" in report and "| class0 |" in report
+
+
+def test_probes_fit_a_subsample_when_all_labels_would_not_fit_half_the_budget():
+    import lvm.quickstart as qs
+
+    shape = qs.RunShape(train=60_000, test=10_000)
+    fast = {"probe_s_per_model": 300.0, "probe_pixels_s": 50.0, "per_train_image_s": 0.005, "probe_fixed_s": 50.0}
+    measured = dict(fast)  # with random init 650 s > a third of 1800: left out, then 350 s fits half the budget
+    assert qs.plan_probes(measured, shape, 1800) == 350.0 and "probe_train_images" not in measured
+    slow = {"probe_s_per_model": 3000.0, "probe_pixels_s": 500.0, "per_train_image_s": 0.05, "probe_fixed_s": 300.0}
+    measured = dict(slow)
+    probe_s = qs.plan_probes(measured, shape, 1800)
+    assert measured["probe_train_images"] == int((900 - 300) / 0.05) and probe_s <= 900
+    assert not measured["random_init"]
+    lines = "\n".join(qs.budget_lines(qs.Budget(None, 1800, {"probe": {}}, measured), qs.QuickstartConfig()))
+    assert "12,000 labelled training images" in lines

@@ -386,8 +386,14 @@ def _load_fashion_mnist(split: str, limit: int | None) -> ImageSet:
 MIN_CROP_STD = 2.0  # near-constant crops (black retina borders, empty sky) say nothing and repeat across splits
 
 
-@functools.lru_cache(maxsize=2)  # the stages of one quickstart read the same crops; making them takes a minute at 64 px
 def _load_skimage_crops(split: str, limit: int | None, size: int, channels: int, progress: bool = True) -> ImageSet:
+    if split not in SKIMAGE_SIZES:
+        raise ImageSourceError(f"split={split!r} is not a skimage-crops split; use 'train' or 'test'.")
+    return _skimage_crops(split, min(limit or SKIMAGE_SIZES[split], SKIMAGE_SIZES[split]), size, channels)
+
+
+@functools.lru_cache(maxsize=2)  # the stages of one quickstart read the same crops; making them takes a minute at 64 px
+def _skimage_crops(split: str, count: int, size: int, channels: int) -> ImageSet:
     """Square crops (16-160 px, random place) of each bundled image, resized to ``size``.
 
     Deterministic per split, and a prefix of the full split whatever ``limit`` is; classes come in
@@ -395,15 +401,12 @@ def _load_skimage_crops(split: str, limit: int | None, size: int, channels: int,
     crop repeats a training crop's box, and near-constant crops are redrawn, so no test image is a
     training image (``tokenizer.splits.find_overlap`` checks it).
     """
-    if split not in SKIMAGE_SIZES:
-        raise ImageSourceError(f"split={split!r} is not a skimage-crops split; use 'train' or 'test'.")
     sources = _skimage_sources()
     labels, boxes = _skimage_plan(split, tuple(sources))
-    count = min(limit or SKIMAGE_SIZES[split], SKIMAGE_SIZES[split])
     labels, boxes = labels[:count], boxes[:count]
     mode = "L" if channels == 1 else "RGB"
     images = np.empty((count, size, size, channels), np.uint8)
-    for k, name in enumerate(tqdm(SKIMAGE_IMAGES, desc="skimage crops", unit="image", leave=False, disable=not progress)):
+    for k, name in enumerate(tqdm(SKIMAGE_IMAGES, desc="skimage crops", unit="image", leave=False)):
         src = Image.fromarray(sources[k]).convert(mode)
         for i in np.flatnonzero(labels == k):
             side, x, y = (int(v) for v in boxes[i])
