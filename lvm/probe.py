@@ -9,8 +9,9 @@ grid, keeping the layout) or ``tokens`` (all of them). Three probes (``methods``
 - ``attentive``: an attention-pooling head trained on the frozen per-token states;
 - ``finetune``: the LVM up to the chosen layer trained together with that head.
 
-(the last two live in ``lvm.attentive``). Baselines at every fraction: raw pixels (linear), and
-the same architecture at random init (every method; for ``finetune`` that is training from scratch).
+(the last two live in ``lvm.attentive``). Baselines at every fraction: raw pixels (linear), the
+same architecture at random init (every method; for ``finetune`` that is training from scratch),
+and with ``supervised`` a small CNN trained from scratch on the pixels (``lvm.supervised``).
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ class ProbeConfig:
     test_source: str = ""  # an explicit labelled test set; empty -> the source's test side
     test_split: str = "test"
     test_fraction: float = DEFAULT_TEST_FRACTION  # sources without a named split: share held out as test (by path hash)
+    on_error: str = "fail"  # unreadable image files: 'fail' or 'skip'
     layers: list[int] = field(default_factory=list)  # empty -> sweep every layer on a subset, keep the best
     methods: list[str] = field(default_factory=lambda: ["linear"])  # linear, attentive, finetune
     pool: str = "grid"  # the linear probe's pooling: mean, grid, tokens (all token states concatenated)
@@ -66,6 +68,7 @@ class ProbeConfig:
     seeds: int = 3  # repeats (different label subsets) at fractions < 1
     baselines: bool = True  # raw pixels and random-init model
     random_init: bool = True  # with baselines: also the random-init model (as costly as probing the LVM again)
+    supervised: bool = False  # with baselines: a small CNN trained from scratch (~1 fine-tune fit per fraction x seed)
     sweep_images: int = 5000  # train images used to pick the layer
     limit_train: int = 0  # use at most this many labelled train images (0 = all)
     limit_test: int = 0
@@ -103,6 +106,12 @@ def run_probe(cfg: ProbeConfig) -> dict:
         results["rows"] += label_efficiency("raw pixels", pixel_features(train_set), train_set.labels,
                                             pixel_features(test_set), test_set.labels, cfg.fractions, cfg.seeds,
                                             cfg.seed)
+    if cfg.baselines and cfg.supervised:  # what a user would do without the LVM, on the same label subsets
+        from lvm.supervised import NAME, supervised_efficiency, to_nchw
+
+        with _timed(results["seconds_by_stage"], NAME):
+            results["rows"] += supervised_efficiency(to_nchw(train_set.images), train_set.labels,
+                                                     to_nchw(test_set.images), test_set.labels, cfg)
     results["seconds"] = round(time.time() - t0, 1)
     return _write_outputs(results, cfg.fractions, out)
 
@@ -135,7 +144,7 @@ def _check_config(cfg: ProbeConfig) -> None:
 def _labelled_sets(cfg: ProbeConfig, tok: Tokenizer) -> tuple[ImageSet, ImageSet]:
     """Train and test images at the tokenizer's size, labelled alike, with no image on both sides."""
     size, channels = tok.config.image_size, tok.config.channels
-    sides = {"test_fraction": cfg.test_fraction, "test_source": cfg.test_source or None}
+    sides = {"test_fraction": cfg.test_fraction, "test_source": cfg.test_source or None, "on_error": cfg.on_error}
     train_set = load_images(cfg.source, cfg.split, size=size, channels=channels, limit=cfg.limit_train or None,
                             **sides)
     test_set = load_images(cfg.source, cfg.test_split, size=size, channels=channels, limit=cfg.limit_test or None,
@@ -497,7 +506,8 @@ def plot_label_efficiency(rows: list[dict], path: Path) -> Path:
                      if (r["features"], r.get("method", "linear")) == key)
         xs, ys, es = zip(*pts)
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=f"{key[0]}, {key[1]}",
-                    linestyle={"linear": "-", "attentive": "--", "finetune": ":"}.get(key[1], "-"))
+                    linestyle={"linear": "-", "attentive": "--", "finetune": ":",
+                               "supervised": "-."}.get(key[1], "-"))
     ax.set_xscale("log")
     ax.set_xlabel("fraction of training labels")
     ax.set_ylabel("test accuracy (%)")

@@ -157,7 +157,8 @@ def quickstart(cfg: QuickstartConfig) -> dict:
             grid=cfg.probe_grid, seeds=cfg.probe_seeds, sweep_images=1000 if fast else 5000,
             limit_train=3000 if fast else budget.measured.get("probe_train_images", 0), limit_test=1000 if fast else 0,
             out=str(probe_dir), seed=cfg.seed,
-            precision=cfg.precision, random_init=budget.measured.get("random_init", True), **sides,
+            precision=cfg.precision, random_init=budget.measured.get("random_init", True), on_error=cfg.on_error,
+            **sides,
         ))
     probe = json.loads((probe_dir / "probe.json").read_text())
     budget.end("probe")
