@@ -44,6 +44,26 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "lvm.quickstart", "QuickstartConfig", "quickstart",
         "the whole pipeline on Fashion-MNIST into one folder with a report (resumable)",
     ),
+    "classifier-train": (
+        "lvm.classifier_train", "ClassifierTrainConfig", "classifier_train",
+        "fit a probe head on all given labels and write a self-contained classifier bundle",
+    ),
+    "predict": (
+        "lvm.predict", "PredictConfig", "run_predict",
+        "class labels and probabilities of image files with a classifier bundle, as CSV",
+    ),
+    "embed": (
+        "lvm.predict", "EmbedConfig", "run_embed",
+        "pooled features of image files with a classifier bundle, as .npy plus a paths list",
+    ),
+    "export": (
+        "lvm.export", "ExportConfig", "run_export",
+        "a classifier bundle as one ONNX graph (pixels -> probabilities) for ONNX Runtime",
+    ),
+    "serve": (
+        "lvm.serve", "ServeConfig", "serve",
+        "a classifier bundle over HTTP (FastAPI + uvicorn) with request limits",
+    ),
 }
 
 
@@ -117,6 +137,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     ValueError, KeyError, ...) is a bug and keeps its traceback. Imported here, not at the top, so
     ``lvm --help`` stays instant."""
     from lvm.checkpoint import CheckpointError, CheckpointMismatch
+    from lvm.classifier import BundleError
     from lvm.data import DataError
     from lvm.probe import ProbeError
     from lvm.runtime import ConfigError
@@ -127,7 +148,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (
         ImageSourceError, ShardError, TokenizerError, DataError, ConfigError, CheckpointError, CheckpointMismatch,
-        ProbeError, TrainingDiverged,
+        ProbeError, TrainingDiverged, BundleError,
     )
 
 

@@ -1,0 +1,212 @@
+"""``lvm classifier-train``: fit a probe head on every given label and write a classifier bundle.
+
+The protocol is the probes' (``lvm.probe``), so a bundle scores what ``lvm probe`` reported at 100 %
+labels: the layer is chosen by ``pick_layer`` on train images, the linear head is ``LinearProbe``
+on the same pooled features with L2 chosen on a validation split of the train labels, and the
+attentive / fine-tuned heads are ``lvm.attentive``'s, which keep the weights of their best validation
+pass. No test image is read. The bundle format itself lives in ``lvm.classifier``.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from lvm.checkpoint import load_model_and_tokenizer
+from lvm.classifier import Classifier, LinearHead, head_config, truncate_lvm
+from lvm.data import SpecialTokens
+from lvm.probe import METHODS, POOLS, LinearProbe, ProbeConfig, ProbeError, extract_features, pick_layer
+from lvm.runtime import check_precision
+from tokenizer.images import ImageSet, load_images
+
+_PROBE = ProbeConfig()  # the probes' defaults: a bundle is fitted as `lvm probe` fits at 100 % labels
+
+
+@dataclass
+class ClassifierTrainConfig:
+    """``lvm classifier-train``: fit a head on all given labels and write a self-contained classifier bundle."""
+
+    checkpoint: str = "runs/lvm"  # LVM training output folder or checkpoint folder
+    tokenizer: str = ""  # empty -> the tokenizer recorded with the checkpoint
+    source: str = "fashion-mnist"  # labelled images: folder with one sub-folder per class, IDX, .npz, fashion-mnist
+    split: str = "train"  # only the train side of the source is read
+    test_fraction: float = 0.2  # share of a source without named splits held out as its test side (never read here)
+    test_source: str = ""  # a separate test source: then all of --source is train
+    method: str = "linear"  # linear, attentive, finetune
+    layer: int = 0  # LVM layer the head reads; 0 -> chosen on train images like lvm probe
+    pool: str = _PROBE.pool  # linear head: mean, grid or tokens pooling of the layer's token states
+    grid: int = _PROBE.grid  # pool=grid: token states average-pooled to grid x grid
+    sweep_images: int = _PROBE.sweep_images  # train images used to choose the layer
+    limit_train: int = 0  # use at most this many labelled images (0 = all)
+    on_error: str = "fail"  # an unreadable image in --source: fail, or skip it with a warning
+    head_epochs: int = _PROBE.head_epochs  # attentive head: epochs, capped at head_max_steps
+    head_max_steps: int = _PROBE.head_max_steps
+    head_batch_size: int = _PROBE.head_batch_size
+    head_lr: float = _PROBE.head_lr
+    finetune_epochs: int = _PROBE.finetune_epochs  # fine-tuning: epochs, capped at finetune_max_steps
+    finetune_max_steps: int = _PROBE.finetune_max_steps
+    finetune_lr: float = _PROBE.finetune_lr  # the head's; the LVM's is 10x lower
+    flip: bool = _PROBE.flip  # fine-tuning: horizontally flipped images as augmentation
+    batch_size: int = _PROBE.batch_size  # feature extraction
+    precision: str = _PROBE.precision  # fitting: auto (bf16 on CUDA and AMX CPUs), bf16, fp32; the bundle runs fp32
+    seed: int = _PROBE.seed
+    out: str = "runs/classifier"  # the bundle folder to write (replaced as a whole)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ProbeError(f"--method {self.method!r} is not one of {', '.join(METHODS)}.")
+        if self.pool not in POOLS:
+            raise ProbeError(f"--pool {self.pool!r} is not one of {', '.join(POOLS)}.")
+        if self.layer < 0:
+            raise ProbeError(f"--layer {self.layer} must be >= 1, or 0 to choose it on train images.")
+        if not 0 < self.test_fraction < 1:
+            raise ProbeError(f"--test-fraction {self.test_fraction} must lie in (0, 1).")
+        if self.on_error not in ("fail", "skip"):
+            raise ProbeError(f"--on-error {self.on_error!r} must be fail or skip.")
+        check_precision(self.precision)
+
+
+def classifier_train(cfg: ClassifierTrainConfig) -> dict:
+    """The ``lvm classifier-train`` entry point; returns a summary (bundle path, layer, validation accuracy)."""
+    t0 = time.time()
+    model, tok, ckpt = load_model_and_tokenizer(cfg.checkpoint, cfg.tokenizer)
+    train_set = _labelled_train_set(cfg, tok.config.image_size, tok.config.channels)
+    special = SpecialTokens(tok.vocab_size)
+    print(f"classifier-train: encoding {len(train_set)} labelled images", flush=True)
+    ids = tok.encode(train_set.images)  # [N, h, w]
+    labels = train_set.labels
+    probe_cfg = _probe_config(cfg)
+    sweep = None
+    layer = cfg.layer
+    if not layer:
+        print(f"classifier-train: choosing the layer on {min(cfg.sweep_images, len(ids))} train images", flush=True)
+        layer, sweep = pick_layer(model, ids, labels, special, probe_cfg)
+    elif layer > model.config.n_layer:
+        raise ProbeError(f"--layer {layer} is out of range; {ckpt} has layers 1..{model.config.n_layer}.")
+    classes = train_set.class_names or [str(c) for c in range(int(labels.max()) + 1)]
+
+    flipped = None
+    if cfg.method == "finetune" and cfg.flip:  # as lvm probe: the mirrored images, encoded
+        flipped = tok.encode(np.ascontiguousarray(train_set.images[:, :, ::-1])).reshape(len(ids), -1).long()
+    lvm, head, metrics = _fit_head(cfg, model, ids, labels, special, layer, len(classes), flipped)
+    metrics = {**metrics, "train_images": len(labels), "layer_sweep": sweep}
+    info = {
+        "method": cfg.method,
+        "metrics": metrics,
+        "training": {"checkpoint": str(ckpt), "source": train_set.source, "split": cfg.split,
+                     "config": asdict(cfg), "seconds": round(time.time() - t0, 1)},
+    }
+    clf = Classifier(tok, truncate_lvm(lvm, layer), head, classes[: head_config(head)["classes"]], info)
+    clf.save_pretrained(cfg.out)
+    return {"out": cfg.out, "method": cfg.method, "layer": layer, "classes": clf.classes,
+            "val_accuracy": metrics["val_accuracy"], "train_images": len(labels),
+            "seconds": round(time.time() - t0, 1)}
+
+
+def build_classifier(checkpoint: str, source: str, method: str = "linear", out: str = "runs/classifier",
+                     layer: int | None = None, **options) -> dict:
+    """Write a bundle from a finished run (e.g. the quickstart's); ``layer=None`` chooses it as the probe did.
+
+    ``options`` are any other ``ClassifierTrainConfig`` fields (``split``, ``test_fraction``, ``precision``...).
+    """
+    return classifier_train(ClassifierTrainConfig(checkpoint=str(checkpoint), source=str(source), method=method,
+                                                  out=str(out), layer=layer or 0, **options))
+
+
+def bundle_from_probe(checkpoint: str, probe: LinearProbe, layer: int, out: str, classes: list[str] | None = None,
+                      pool: str = _PROBE.pool, grid: int = _PROBE.grid, metrics: dict | None = None,
+                      tokenizer: str = "") -> dict:
+    """Write a linear bundle around a ``LinearProbe`` already fitted on the ``pool``ed layer-``layer`` features
+    of ``checkpoint`` (as ``lvm probe`` fits at 100 % labels): nothing is refitted, so it costs seconds."""
+    model, tok, ckpt = load_model_and_tokenizer(checkpoint, tokenizer)
+    head = LinearHead.from_probe(probe, pool, grid, tok.grid, model.config.d_model)
+    classes = classes or [str(c) for c in range(probe.weight.shape[0])]
+    info = {"method": "linear", "metrics": metrics or {}, "training": {"checkpoint": str(ckpt), "l2": probe.l2}}
+    clf = Classifier(tok, truncate_lvm(model, layer), head, classes, info)
+    clf.save_pretrained(out)
+    return {"out": str(out), "method": "linear", "layer": layer, "classes": clf.classes}
+
+
+def fit_linear(features: torch.Tensor, labels: torch.Tensor, classes: int | None = None,
+               seed: int = 0) -> tuple[LinearProbe, dict]:
+    """``LinearProbe.fit(features, labels)`` step for step, also returning the validation accuracy of each L2.
+
+    ``LinearProbe.fit`` chooses L2 on a random validation split and refits on all rows, but keeps the
+    scores to itself; a bundle records them. The walk below is the one it makes (its own defaults,
+    the same row permutation, warm starts from strong to weak L2, the refit from the chosen one), so
+    the fitted head is identical; ``tests/test_classifier.py`` checks that.
+    """
+    defaults = {k: p.default for k, p in inspect.signature(LinearProbe.fit).parameters.items()}
+    l2_grid, val_fraction, max_iter = defaults["l2_grid"], defaults["val_fraction"], defaults["max_iter"]
+    y = torch.as_tensor(labels).long()
+    classes = max(int(y.max()) + 1, classes or 0)
+    rows = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))
+    n_val = max(int(len(rows) * val_fraction), 1)
+    if len(rows) - n_val < 2 or len(set(y.tolist())) < 2:
+        raise ProbeError(f"{len(rows)} labelled images in {len(set(y.tolist()))} classes are too few to fit and "
+                         "validate a classifier; give at least a few images of two or more classes.")
+    val, tr = rows[:n_val], rows[n_val:]
+    scores: dict[str, float] = {}
+    best, prev = None, None
+    for lam in sorted(l2_grid, reverse=True):
+        prev = LinearProbe.fit(features[tr], y[tr], lam, max_iter=max_iter, init=prev, classes=classes)
+        scores[str(lam)] = prev.accuracy(features[val], y[val])
+        if best is None or scores[str(lam)] > scores[str(best.l2)]:
+            best = prev
+    probe = LinearProbe.fit(features, y, best.l2, max_iter=max_iter, init=best, classes=classes)
+    return probe, {"val_accuracy": scores[str(best.l2)], "val_images": n_val, "l2": best.l2, "l2_scores": scores}
+
+
+def _fit_head(cfg: ClassifierTrainConfig, model, ids: torch.Tensor, labels: np.ndarray, special: SpecialTokens,
+              layer: int, classes: int, flipped: torch.Tensor | None = None):
+    """``(LVM the head reads, head, validation metrics)`` for the configured method; ``flipped``: ids ``[N, T]``
+    of the mirrored images, fine-tuning's augmentation."""
+    from lvm.attentive import HeadTrainConfig, fine_tune, fit_attentive
+
+    y = torch.from_numpy(labels)
+    hw = tuple(ids.shape[1:])
+    print(f"classifier-train: fitting the {cfg.method} head on layer {layer}", flush=True)
+    if cfg.method == "linear":
+        feats = extract_features(model, ids, special, layer, cfg.pool, cfg.grid, cfg.batch_size, cfg.precision)
+        probe, metrics = fit_linear(feats, y, classes, cfg.seed)
+        head = LinearHead.from_probe(probe, cfg.pool, cfg.grid, hw, model.config.d_model)
+        return model, head, metrics
+    attentive = cfg.method == "attentive"
+    train_cfg = HeadTrainConfig(epochs=cfg.head_epochs if attentive else cfg.finetune_epochs,
+                                max_steps=cfg.head_max_steps if attentive else cfg.finetune_max_steps,
+                                batch_size=cfg.head_batch_size, lr=cfg.head_lr if attentive else cfg.finetune_lr,
+                                precision=cfg.precision, seed=cfg.seed)
+    n_val = max(1, int(round(len(y) * train_cfg.val_fraction))) if len(y) >= 10 else 0
+    if attentive:
+        tokens = extract_features(model, ids, special, layer, "tokens", batch_size=cfg.batch_size,
+                                  precision=cfg.precision)  # [N, T, D]
+        head, val = fit_attentive(tokens, y, train_cfg)
+        lvm = model
+    else:
+        flat = ids.reshape(len(ids), -1).long()  # [N, T]
+        tuned, val = fine_tune(model, flat, y, layer, special, train_cfg, flipped_ids=flipped)
+        lvm, head = tuned.backbone, tuned.classifier
+    return lvm, head, {"val_accuracy": val, "val_images": n_val}
+
+
+def _probe_config(cfg: ClassifierTrainConfig) -> ProbeConfig:
+    return ProbeConfig(checkpoint=cfg.checkpoint, source=cfg.source, pool=cfg.pool, grid=cfg.grid,
+                       sweep_images=cfg.sweep_images, batch_size=cfg.batch_size, precision=cfg.precision,
+                       seed=cfg.seed)
+
+
+def _labelled_train_set(cfg: ClassifierTrainConfig, size: int, channels: int) -> ImageSet:
+    """The train side of ``--source`` at the tokenizer's size; it must carry labels."""
+    train_set = load_images(cfg.source, cfg.split, size=size, channels=channels, on_error=cfg.on_error,
+                            limit=cfg.limit_train or None, test_fraction=cfg.test_fraction,
+                            test_source=cfg.test_source or None)
+    if train_set.labels is None:
+        raise ProbeError(
+            f"{train_set.source} has no labels; a classifier needs labelled images (a folder with one sub-folder "
+            "per class or a labels.csv of path,label rows, IDX with a labels file, or .npz with 'labels'); pass a "
+            "labelled --source."
+        )
+    return train_set

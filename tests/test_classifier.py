@@ -1,0 +1,241 @@
+"""Classifier bundles: the probe's head on all train labels, saved as safetensors + JSON, loaded back to the
+same predictions, refused when its parts do not match, and run over files by `lvm predict` / `lvm embed`."""
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lvm import Classifier
+from lvm.checkpoint import load_model_and_tokenizer
+from lvm.classifier import (BundleMismatch, LinearHead, UnsupportedImage, _image_rows, prepare_image,
+                            to_uint8_images)
+from lvm.classifier_train import ClassifierTrainConfig, bundle_from_probe, classifier_train, fit_linear
+from lvm.cli import main
+from lvm.data import SpecialTokens, image_rows
+from lvm.probe import LinearProbe, ProbeError, extract_features, pool_tokens
+from tokenizer.images import load_images
+
+CLASSES = ["band0", "band1", "band2"]
+
+
+@pytest.fixture(scope="module")
+def labelled_folder(tiny_pipeline, tmp_path_factory):
+    """The tiny pipeline's banded 16x16 images as PNG files, one sub-folder per class."""
+    data = np.load(tiny_pipeline["npz"])
+    root = tmp_path_factory.mktemp("bands")
+    for i, (image, label) in enumerate(zip(data["images"], data["labels"])):
+        (root / CLASSES[label]).mkdir(exist_ok=True)
+        Image.fromarray(image).save(root / CLASSES[label] / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_pipeline, labelled_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle") / "classifier"
+    summary = classifier_train(ClassifierTrainConfig(checkpoint=tiny_pipeline["lvm"], source=str(labelled_folder),
+                                                     sweep_images=60, out=str(out)))
+    return out, summary
+
+
+def _files(folder, count=6):
+    """A few PNGs of every class, class-interleaved."""
+    per_class = [sorted((folder / c).glob("*.png")) for c in CLASSES]
+    return [str(p) for group in zip(*per_class) for p in group][:count]
+
+
+def test_bundle_is_json_and_safetensors(bundle):
+    out, summary = bundle
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert files == ["bundle.json", "head/head.json", "head/head.safetensors", "lvm/config.json",
+                     "lvm/model.safetensors", "tokenizer/tokenizer.json", "tokenizer/tokenizer.safetensors"]
+    meta = json.loads((out / "bundle.json").read_text())
+    assert meta["classes"] == CLASSES and meta["method"] == "linear"
+    assert meta["layer"] == summary["layer"] in (1, 2)
+    assert json.loads((out / "lvm" / "config.json").read_text())["n_layer"] == meta["layer"]  # truncated
+    assert meta["preprocessing"]["image_size"] == 16 and meta["preprocessing"]["channels"] == 1
+    assert 0.0 <= meta["metrics"]["val_accuracy"] <= 1.0
+    assert set(meta["metrics"]["layer_sweep"]) == {"1", "2"}
+    assert set(meta["fingerprints"]) == {"tokenizer", "lvm", "head"}
+    assert all((p.stat().st_mode & 0o444) == 0o444 for p in out.rglob("*"))  # readable by the serving user
+
+
+def test_round_trip_gives_identical_predictions(bundle, labelled_folder, tmp_path):
+    first = Classifier.from_pretrained(bundle[0])
+    first.save_pretrained(tmp_path / "copy")
+    second = Classifier.from_pretrained(tmp_path / "copy")
+    paths = _files(labelled_folder, 9)
+    labels_a, probs_a = first.predict(paths)
+    labels_b, probs_b = second.predict(paths)
+    assert labels_a == labels_b and np.array_equal(probs_a, probs_b)
+    assert second.info["bundle_id"] == first.info["bundle_id"]
+    assert np.allclose(probs_a.sum(1), 1.0, atol=1e-5)
+
+
+def test_bundle_predicts_what_the_probe_fits(bundle, tiny_pipeline, labelled_folder, tmp_path):
+    """Independent route: the probe's own features and LinearProbe.fit on every train label."""
+    clf = Classifier.from_pretrained(bundle[0])
+    model, tok, _ = load_model_and_tokenizer(tiny_pipeline["lvm"])
+    train = load_images(str(labelled_folder), "train", size=16, channels=1)
+    ids = tok.encode(train.images)
+    feats = extract_features(model, ids, SpecialTokens(tok.vocab_size), clf.layer, "grid", 3)
+    probe = LinearProbe.fit(feats, torch.from_numpy(train.labels), classes=3)
+    with torch.no_grad():
+        logits = clf.head(clf.token_states(clf.preprocess(train.images)))
+    expected = ((feats - probe.mean) / probe.std) @ probe.weight.T + probe.bias
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    assert bundle[1]["train_images"] == len(train) < 120  # the test side of the folder was never read
+
+    wrapped = tmp_path / "from-probe"  # the same probe wrapped without a refit: the same classifier
+    bundle_from_probe(tiny_pipeline["lvm"], probe, clf.layer, str(wrapped), classes=CLASSES)
+    assert np.array_equal(Classifier.from_pretrained(wrapped).predict(train.images)[1], clf.predict(train.images)[1])
+
+
+def test_fit_linear_is_the_probes_fit():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(300) % 3
+    x = torch.randn(3, 12, generator=g)[y] + 1.5 * torch.randn(300, 12, generator=g)
+    probe, metrics = fit_linear(x, y, classes=3)
+    reference = LinearProbe.fit(x, y, classes=3)
+    assert probe.l2 == reference.l2 == metrics["l2"]
+    assert torch.equal(probe.weight, reference.weight) and torch.equal(probe.bias, reference.bias)
+    assert metrics["val_accuracy"] == max(metrics["l2_scores"].values()) and len(metrics["l2_scores"]) == 4
+
+
+def test_linear_head_pools_like_the_probe():
+    tokens = torch.randn(5, 49, 8)
+    for pool in ("grid", "mean", "tokens"):
+        head = LinearHead(pool, 3, (7, 7), 8, 2)
+        torch.testing.assert_close(head.pool(tokens), pool_tokens(tokens, pool, (7, 7), 3))
+
+
+def test_image_rows_is_the_data_layers_layout():
+    ids = torch.randint(0, 16, (4, 9))
+    assert torch.equal(_image_rows(ids, SpecialTokens(16)), image_rows(ids, SpecialTokens(16)))
+
+
+def test_another_tokenizer_is_refused(bundle, tiny_pipeline, labelled_folder, tmp_path, capsys):
+    from tokenizer.model import Tokenizer
+
+    bad = tmp_path / "mixed"
+    shutil.copytree(bundle[0], bad)
+    other = Tokenizer.from_pretrained(bad / "tokenizer")
+    torch.manual_seed(1)
+    for p in other.encoder.parameters():  # same shapes and vocabulary, other weights
+        torch.nn.init.normal_(p, std=0.05)
+    shutil.rmtree(bad / "tokenizer")
+    other.save_pretrained(bad / "tokenizer")
+    with pytest.raises(BundleMismatch, match=r"tokenizer: fingerprint .* not the one the classifier was built with"):
+        Classifier.from_pretrained(bad)
+    code = main(["predict", "--model", str(bad), "--images", _files(labelled_folder, 1)[0],
+                 "--out", str(tmp_path / "p.csv"), "--no-progress"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("lvm predict: error: ") and "fingerprint" in lines[0]
+
+
+def test_a_modified_head_is_refused(bundle, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "tampered"
+    shutil.copytree(bundle[0], bad)
+    state = load_file(str(bad / "head" / "head.safetensors"))
+    state["linear.weight"] = state["linear.weight"] * 2
+    save_file(state, str(bad / "head" / "head.safetensors"))
+    with pytest.raises(BundleMismatch, match="head"):
+        Classifier.from_pretrained(bad)
+
+
+def test_predict_names_the_corrupt_file_and_predicts_the_rest(bundle, labelled_folder, tmp_path, capsys):
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    good = []
+    for i, path in enumerate(_files(labelled_folder, 6)):
+        good.append(str(folder / f"img{i}.png"))
+        shutil.copy(path, good[-1])
+    (folder / "broken.png").write_bytes(b"this is not a png")
+    out = tmp_path / "preds.csv"
+    code = main(["predict", "--model", str(bundle[0]), "--images", str(folder), "--out", str(out), "--top-k", "2",
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "broken.png" in err and "1 of 7 images could not be read" in err
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == ["path", "label", "probability", "label_2", "probability_2"]
+    assert sorted(r["path"] for r in rows) == sorted(good)
+    labels, probs = Classifier.from_pretrained(bundle[0]).predict([r["path"] for r in rows])
+    assert [r["label"] for r in rows] == labels
+    assert np.allclose([float(r["probability"]) for r in rows], probs.max(1), atol=1e-6)
+    assert all(r["label_2"] != r["label"] and float(r["probability_2"]) <= float(r["probability"]) for r in rows)
+    errors = list(csv.reader((tmp_path / "preds.errors.csv").open()))
+    assert errors[0] == ["path", "error"] and errors[1][0].endswith("broken.png")
+
+    (folder / "broken.png").unlink()  # all readable: exit 0, and the stale error list is gone
+    assert main(["predict", "--model", str(bundle[0]), "--images", *good, "--out", str(out), "--no-progress"]) == 0
+    assert not (tmp_path / "preds.errors.csv").exists()
+
+
+def test_embed_writes_features_and_their_paths(bundle, labelled_folder, tmp_path):
+    paths = _files(labelled_folder, 5)
+    out = tmp_path / "feats.npy"
+    assert main(["embed", "--model", str(bundle[0]), "--images", *paths, "--out", str(out), "--no-progress"]) == 0
+    feats = np.load(out)
+    assert (tmp_path / "feats.paths.txt").read_text().splitlines() == paths
+    clf = Classifier.from_pretrained(bundle[0])
+    assert feats.shape == (5, 64 * 9)  # tiny LVM width 64, 3x3 grid
+    np.testing.assert_allclose(feats, clf.embed(paths), atol=1e-6)
+
+
+def test_every_input_kind_is_prepared_as_load_images_prepares_training_images(bundle, tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "odd"
+    for i, (w, h) in enumerate([(20, 26), (31, 17), (16, 16), (40, 40)]):
+        (folder / "c").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(folder / "c" / f"{i}.png")
+    paths = sorted(str(p) for p in folder.rglob("*.png"))
+    reference = load_images(str(folder), "all", size=16, channels=1).images
+    np.testing.assert_array_equal(to_uint8_images(paths, 16, 1), reference)
+    clf = Classifier.from_pretrained(bundle[0])
+    pil = [Image.open(p) for p in paths]
+    _, from_paths = clf.predict(paths)
+    _, from_pil = clf.predict(pil)
+    _, from_array = clf.predict(reference)
+    assert np.array_equal(from_paths, from_pil) and np.array_equal(from_paths, from_array)
+
+
+def test_high_bit_depth_images_are_refused_with_the_fix():
+    with pytest.raises(UnsupportedImage, match="mode 'I;16'"):
+        prepare_image(Image.new("I;16", (8, 8)), 16, 1)
+
+
+@pytest.mark.parametrize("method", ["attentive", "finetune"])
+def test_attentive_and_finetuned_bundles(method, tiny_pipeline, labelled_folder, tmp_path):
+    out = tmp_path / method
+    classifier_train(ClassifierTrainConfig(checkpoint=tiny_pipeline["lvm"], source=str(labelled_folder), layer=2,
+                                           method=method, head_max_steps=20, finetune_max_steps=3, head_batch_size=32,
+                                           out=str(out)))
+    clf = Classifier.from_pretrained(out)
+    assert clf.info["method"] == method and clf.layer == 2
+    assert json.loads((out / "head" / "head.json").read_text())["kind"] == "attentive"
+    _, probs = clf.predict(_files(labelled_folder, 4))
+    assert probs.shape == (4, 3) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert clf.embed(_files(labelled_folder, 2)).shape == (2, 64)
+    model, _, _ = load_model_and_tokenizer(tiny_pipeline["lvm"])
+    same = torch.equal(clf.lvm.blocks[0].mlp.w_up.weight, model.blocks[0].mlp.w_up.weight)
+    assert same == (method == "attentive")  # fine-tuning trains the LVM too
+
+
+def test_cli_trains_a_bundle_at_a_given_layer(tiny_pipeline, labelled_folder, tmp_path):
+    out = tmp_path / "cli"
+    assert main(["classifier-train", "--checkpoint", tiny_pipeline["lvm"], "--source", str(labelled_folder),
+                 "--layer", "1", "--out", str(out)]) == 0
+    assert json.loads((out / "bundle.json").read_text())["layer"] == 1
+
+
+def test_unlabelled_images_are_refused(tiny_pipeline, tmp_path, capsys):
+    np.save(tmp_path / "unlabelled.npy", np.load(tiny_pipeline["npz"])["images"])
+    with pytest.raises(ProbeError, match="no labels"):
+        classifier_train(ClassifierTrainConfig(checkpoint=tiny_pipeline["lvm"], source=str(tmp_path / "unlabelled.npy"),
+                                               out=str(tmp_path / "b")))
+    assert not (tmp_path / "b").exists()
