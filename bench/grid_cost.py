@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -21,19 +20,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 LAYOUTS = [("28 px grey, 7x7", 28, 1, 0), ("64 px RGB, 8x8", 64, 3, 0), ("64 px RGB, 16x16", 64, 3, 16)]
 
 
-def _best(fn, repeats: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def measure(size: int, channels: int, grid: int, context: int = 512, rows: int = 8) -> dict:
     from lvm.config import LVMConfig
     from lvm.model import LVM
+    from lvm.quickstart import _best_time as _best
     from tokenizer.model import Tokenizer, TokenizerConfig, auto_layout
 
     torch.manual_seed(0)
