@@ -12,7 +12,6 @@ engines alternate in rounds so machine noise hits them alike. Writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -23,10 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lvm.classifier import Classifier, _image_rows
-from lvm.runtime import cpu_has_fast_bf16
+from bench.results_io import RESULTS, write_results
+from lvm.classifier import Classifier
+from lvm.data import image_rows
+from lvm.runtime import cpu_has_fast_bf16, cpu_model
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -80,11 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"machine": {**machine, "load_1min_end": round(os.getloadavg()[0], 2)}, "bundle": facts,
               "evaluation": evaluation, "work": {"mflop_per_image": work, "matmul_peak_gflops": peak},
               "speed": speed, "compile_s": compile_s, "breakdown": breakdown(clf, pixels), "args": vars(args)}
-    stem = Path(args.out) if args.out else RESULTS / f"inference-{device_slug()}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(Path(args.out) if args.out else RESULTS / f"inference-{device_slug()}", result, markdown(result))
     return result
 
 
@@ -153,7 +149,7 @@ def breakdown(clf: Classifier, pixels: torch.Tensor, repeats: int = 50) -> dict:
         for batch in (1, 64):
             x = pixels[:batch]
             ids = clf.token_ids(x)
-            rows = _image_rows(ids, clf.special)
+            rows = image_rows(ids, clf.special)
             states = clf.lvm.hidden_states(rows, layers=[clf.layer])[0][:, 1:]
             stages = {
                 "tokenizer encoder + FSQ": lambda: clf.token_ids(x),
@@ -223,17 +219,6 @@ def machine_info() -> dict:
             "amx": cpu_has_fast_bf16(), "torch": torch.__version__, "onnxruntime": ort_version,
             "python": platform.python_version(), "load_1min": round(os.getloadavg()[0], 2),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def device_slug() -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import re
 import os
 import statistics
@@ -29,6 +28,7 @@ import torch
 import kernels
 from kernels import attention as attention_module
 from kernels.dispatch import resolve_backend
+from lvm.runtime import cpu_model
 
 # The roofline we read GPU figures against (H100 SXM, dense bf16 tensor cores, HBM3).
 H100_BF16_TFLOPS = 989.0
@@ -319,7 +319,7 @@ def describe_device(device: torch.device) -> dict:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = _cpu_model() or platform.processor() or "cpu"
+        name = cpu_model() or "cpu"
     try:
         import triton
 
@@ -340,17 +340,6 @@ def describe_device(device: torch.device) -> dict:
 def device_slug(device: torch.device, name: str) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     return slug if device.type == "cuda" else f"cpu-{slug}"[:60].rstrip("-")
-
-
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 def write_results(out: Path, header: dict, rows: list[Row]) -> None:

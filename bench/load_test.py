@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import socket
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench.results_io import RESULTS, write_results
 
 
 def run_load_test(url: str, payloads: list[bytes], requests: int = 2000, concurrency: int = 8,
@@ -135,11 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
     for backend in args.backends if args.model else [None]:
         runs.append(_one_run(args, backend))
     result = {"machine": machine_info(), "runs": runs}
-    stem = Path(args.out) if args.out else RESULTS / f"inference-serve-{device_slug()}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(Path(args.out) if args.out else RESULTS / f"inference-serve-{device_slug()}", result,
+                  markdown(result))
     return result
 
 

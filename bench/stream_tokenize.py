@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -78,7 +77,7 @@ def main() -> None:
 
     import torch
 
-    from lvm.runtime import cpu_has_fast_bf16
+    from lvm.runtime import cpu_has_fast_bf16, cpu_model
     from tokenizer.model import Tokenizer, TokenizerConfig, auto_layout
 
     root = Path(args.dir)
@@ -92,8 +91,7 @@ def main() -> None:
         "first tenth": run_tokenize(root / "first", tok_dir, root / "tokens-first"),
         "all": run_tokenize(root, tok_dir, root / "tokens-all"),
     }
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    cpu = cpu_model()
     result = {"cpu": cpu, "amx": cpu_has_fast_bf16(), "threads": torch.get_num_threads(), "size": args.size,
               "load_avg_at_end": os.getloadavg(), "runs": runs,
               "grid": list(TokenizerConfig(image_size=args.size, patch_size=patch,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import shutil
 import time
 from contextlib import nullcontext
@@ -65,6 +66,19 @@ def cpu_has_fast_bf16() -> bool:
         return bool(probe()) if probe is not None else False
     except Exception:  # pragma: no cover - a torch build without the probe
         return False
+
+
+def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU's model name from ``cpuinfo`` (else what ``platform`` knows, possibly ""): reports and
+    benchmark tables name the machine their figures were measured on."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def bf16_is_fast(device: torch.device) -> bool:
