@@ -33,9 +33,10 @@ from einops import einsum, rearrange
 from PIL import Image, UnidentifiedImageError
 
 from lvm.attentive import AttentiveClassifier
-from lvm.data import SpecialTokens
+from lvm.data import SpecialTokens, image_rows
 from lvm.model import LVM
 from lvm.runtime import mixed_precision
+from tokenizer import images as _images
 from tokenizer.images import ImageSourceError
 from tokenizer.model import Tokenizer
 
@@ -105,12 +106,11 @@ class Classifier(nn.Module):
 
     def token_ids(self, pixels: torch.Tensor) -> torch.Tensor:
         """The tokenizer's ids ``long [N, h*w]``, as ``Tokenizer.encode`` computes them (FSQ rounding included)."""
-        z = self.tokenizer.encoder(pixels.float() * 2 - 1)  # [N, D, h, w]
-        return self.tokenizer._quantize(z)[1].flatten(1)  # [N, h, w] -> [N, h*w]
+        return self.tokenizer.encode_pixels(pixels).flatten(1)  # [N, h, w] -> [N, h*w]
 
     def token_states(self, pixels: torch.Tensor) -> torch.Tensor:
         """The truncated LVM's last-layer states at the image tokens, ``[N, T, D]`` (the probes' features)."""
-        rows = _image_rows(self.token_ids(pixels), self.special)  # [N, 1 + T]
+        rows = image_rows(self.token_ids(pixels), self.special)  # [N, 1 + T]
         return self.lvm.hidden_states(rows, layers=[self.layer])[0][:, 1:]
 
     def pooled(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -373,12 +373,6 @@ def read_bundle_json(directory: Path) -> dict:
     return meta
 
 
-def _image_rows(ids: torch.Tensor, special: SpecialTokens) -> torch.Tensor:
-    """``lvm.data.image_rows`` for ids ``[N, T]``, without its ``len(ids)``: under torch.export that Python int
-    fixes the batch size, and the exported graph must take any batch (tests check the two agree)."""
-    return torch.cat([torch.full_like(ids[:, :1], special.bos), ids.long()], dim=1)
-
-
 def truncate_lvm(lvm: LVM, layer: int) -> LVM:
     """A copy of ``lvm`` with blocks ``1..layer`` only and ``config.n_layer = layer``: what a bundle stores."""
     if not 1 <= layer <= len(lvm.blocks):
@@ -441,11 +435,9 @@ def read_image(path: str | os.PathLike, size: int, channels: int, max_pixels: in
 
 
 def prepare_image(img: Image.Image, size: int, channels: int, max_pixels: int | None = None) -> np.ndarray:
-    """Convert (grey ``L`` or ``RGB``), scale the shorter side to ``size`` (bicubic) and cut the centre square.
-
-    The same steps ``load_images`` applies to a folder of training images, so a served image is seen
-    as the training images were. ``max_pixels`` refuses huge images before they are decoded.
-    """
+    """``tokenizer.images.prepare_image`` (the steps ``load_images`` applies to a folder of training images, so
+    a served image is seen as the training images were), behind a server's checks: modes that would lose
+    meaning in 8 bits are refused, and ``max_pixels`` refuses huge images before they are decoded."""
     if img.mode not in ACCEPTED_MODES:
         raise UnsupportedImage(f"image mode {img.mode!r} is not supported; send an 8-bit grey or colour image "
                                f"(PIL modes {', '.join(ACCEPTED_MODES)}).")
@@ -453,13 +445,4 @@ def prepare_image(img: Image.Image, size: int, channels: int, max_pixels: int | 
     if max_pixels is not None and w * h > max_pixels:
         raise ImageTooLarge(f"image of {w}x{h} pixels is larger than the limit of {max_pixels} pixels; "
                                "downscale it first.")
-    img.load()
-    img = img.convert("L" if channels == 1 else "RGB")
-    if (w, h) != (size, size):
-        scale = size / min(w, h)
-        new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        left, top = (new_w - size) // 2, (new_h - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    arr = np.asarray(img, dtype=np.uint8)
-    return arr[..., None] if arr.ndim == 2 else arr
+    return _images.prepare_image(img, size, channels)

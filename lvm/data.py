@@ -103,9 +103,10 @@ def visual_sentence(
 
 
 def image_rows(ids: torch.Tensor, special: SpecialTokens) -> torch.Tensor:
-    """``[BOS] image`` rows ``long [N, 1 + T]`` from ids ``[N, T]`` or ``[N, h, w]``: what probes and
-    fine-tuning read. Position ``i + 1`` holds image token ``i``, so ``states[:, 1:]`` are the image's."""
-    flat = ids.reshape(len(ids), -1).long()  # [N, T]
+    """``[BOS] image`` rows ``long [N, 1 + T]`` from ids ``[N, T]`` or ``[N, h, w]``: what probes, fine-tuning
+    and the classifier bundle read. Position ``i + 1`` holds image token ``i``, so ``states[:, 1:]`` are the
+    image's. No Python int of the batch size is read, so under ``torch.export`` the batch stays dynamic."""
+    flat = ids.flatten(1).long()  # [N, T]
     return torch.cat([torch.full_like(flat[:, :1], special.bos), flat], dim=1)
 
 

@@ -11,11 +11,10 @@ from PIL import Image
 
 from lvm import Classifier
 from lvm.checkpoint import load_model_and_tokenizer
-from lvm.classifier import (BundleMismatch, LinearHead, UnsupportedImage, _image_rows, prepare_image,
-                            to_uint8_images)
+from lvm.classifier import BundleMismatch, LinearHead, UnsupportedImage, prepare_image, to_uint8_images
 from lvm.classifier_train import ClassifierTrainConfig, bundle_from_probe, classifier_train, fit_linear
 from lvm.cli import main
-from lvm.data import SpecialTokens, image_rows
+from lvm.data import SpecialTokens
 from lvm.probe import LinearProbe, ProbeError, extract_features, pool_tokens
 from tokenizer.images import load_images
 
@@ -112,9 +111,12 @@ def test_linear_head_pools_like_the_probe():
         torch.testing.assert_close(head.pool(tokens), pool_tokens(tokens, pool, (7, 7), 3))
 
 
-def test_image_rows_is_the_data_layers_layout():
-    ids = torch.randint(0, 16, (4, 9))
-    assert torch.equal(_image_rows(ids, SpecialTokens(16)), image_rows(ids, SpecialTokens(16)))
+def test_token_ids_are_the_tokenizers(bundle, labelled_folder):
+    """The graph's first step is Tokenizer.encode's: the same ids as the shards the LVM was trained on."""
+    clf = Classifier.from_pretrained(bundle[0])
+    images = load_images(str(labelled_folder), "train", size=16, channels=1, limit=10).images
+    ids = clf.token_ids(clf.preprocess(images))
+    assert ids.shape == (10, 16) and torch.equal(ids, clf.tokenizer.encode(images).flatten(1))  # 4x4 tokens
 
 
 def test_another_tokenizer_is_refused(bundle, tiny_pipeline, labelled_folder, tmp_path, capsys):

@@ -132,6 +132,23 @@ def test_image_rows_from_the_spec():
     assert torch.equal(image_rows(ids, sp), expected)
     assert torch.equal(image_rows(ids.reshape(2, 4).int(), sp), expected)
     assert image_rows(ids, sp).dtype == torch.long
+    assert image_rows(ids[:0], sp).shape == (0, 5)
+
+
+def test_image_rows_keep_the_batch_dynamic_under_export():
+    """The classifier's exported graph takes any batch, so image_rows must not read the batch size as a
+    Python int (``len(ids)`` fixes it to the example's under torch.export)."""
+    sp = SpecialTokens(10)
+
+    class Rows(torch.nn.Module):
+        def forward(self, ids):
+            return image_rows(ids, sp)
+
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    for shape in ((3, 2, 2), (3, 4)):  # [N, h, w] and [N, T]
+        program = torch.export.export(Rows(), (torch.randint(0, 10, shape),), dynamic_shapes={"ids": {0: batch}})
+        more = torch.randint(0, 10, (7, *shape[1:]))
+        assert torch.equal(program.module()(more), image_rows(more, sp))
 
 
 def test_dataset_sentences_are_the_shared_layout(tmp_path, main_ids, _shards):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tokenizer.images import ImageSourceError, load_images, open_images, to_tensor
+from tokenizer.images import ImageSourceError, load_images, open_images, prepare_image, to_tensor
 
 
 def _write_idx(path, array, gz=False, truncate_to=None):
@@ -69,6 +69,28 @@ def test_resize_center_crop_and_channels(tmp_path):
     s = load_images(tmp_path, size=10, channels=3, progress=False)
     assert s.images.shape == (1, 10, 10, 3)
     assert s.images.min() > 200
+
+
+def test_prepare_image_is_how_training_images_are_read(tmp_path, rng):
+    """The public one-image step: a folder, an array source and a served image all go through it alike."""
+    arr = np.zeros((20, 40), dtype=np.uint8)
+    arr[:, 10:30] = 255
+    one = prepare_image(Image.fromarray(arr), 10, 3)
+    assert one.shape == (10, 10, 3) and one.dtype == np.uint8 and one.min() > 200  # centre crop of the band
+    colour = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    grey = prepare_image(Image.fromarray(colour), 16, 1)  # right size: only PIL's "L" conversion
+    np.testing.assert_array_equal(grey[..., 0], np.asarray(Image.fromarray(colour).convert("L")))
+    for i, (w, h) in enumerate([(20, 26), (31, 17), (16, 16)]):
+        _png(tmp_path / "c" / f"{i}.png", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    files = sorted((tmp_path / "c").glob("*.png"))
+    for channels in (1, 3):
+        folder = load_images(tmp_path, size=12, channels=channels, progress=False).images
+        by_hand = np.stack([prepare_image(Image.open(f), 12, channels) for f in files])
+        np.testing.assert_array_equal(folder, by_hand)
+    big = rng.integers(0, 256, (2, 20, 26, 3), dtype=np.uint8)
+    np.savez(tmp_path / "arr.npz", images=big)
+    np.testing.assert_array_equal(load_images(tmp_path / "arr.npz", size=12, channels=3, progress=False).images,
+                                  np.stack([prepare_image(Image.fromarray(a), 12, 3) for a in big]))
 
 
 def test_missing_path(tmp_path):

@@ -81,6 +81,38 @@ def test_encode_is_deterministic_and_leaves_training_mode(quantizer):
     assert torch.equal(tok.encode(x, batch_size=4), a)  # chunking does not change the ids
 
 
+@pytest.mark.parametrize("quantizer", ["fsq", "vq"])
+def test_encode_pixels_is_encodes_step(quantizer):
+    tok = tiny(quantizer=quantizer, codebook_size=32, code_dim=4)
+    if quantizer == "vq":
+        tok.train()
+        tok(torch.rand(16, 1, 16, 16))
+        tok.eval()
+    x = torch.rand(5, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(tok.encode_pixels(x), tok.encode(x))
+        assert torch.equal(tok.encode_pixels(x.double()), tok.encode(x))  # float32 inside, as encode
+
+
+def test_encode_pixels_exports_for_any_batch():
+    """What the classifier's ONNX graph runs: one traced step from pixels to ids, batch axis dynamic."""
+    tok = tiny()
+
+    class Ids(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = tok
+
+        def forward(self, pixels):
+            return self.tok.encode_pixels(pixels)
+
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    with torch.no_grad():
+        program = torch.export.export(Ids(), (torch.rand(2, 1, 16, 16),), dynamic_shapes={"pixels": {0: batch}})
+        x = torch.rand(6, 1, 16, 16)
+        assert torch.equal(program.module()(x), tok.encode(x))
+
+
 def test_decode_inverts_quantisation_of_encoder_output():
     """decode(ids) must equal the training path's reconstruction (same codes, same decoder)."""
     tok = tiny()

@@ -686,7 +686,6 @@ def _file_source(root: Path, files: list[Path], labels: list[int] | None, class_
                          f"resized and centre-cropped to {size}x{size} (--image-size chooses)")
     if size is None:  # nothing in the survey could be opened: the first read will say why
         size = _first_readable_side(files, on_error)
-    mode = "L" if channels == 1 else "RGB"
     skipped_sink: list[tuple[str, str]] = []
 
     def reader(positions: np.ndarray) -> list[np.ndarray | None]:
@@ -695,8 +694,7 @@ def _file_source(root: Path, files: list[Path], labels: list[int] | None, class_
             path = files[i]
             try:
                 with Image.open(path) as img:
-                    img.load()
-                    arr = np.asarray(_resize_center_crop(img.convert(mode), size), dtype=np.uint8)
+                    arr = prepare_image(img, size, channels)
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
                 if on_error == "fail":
                     raise ImageSourceError(
@@ -707,7 +705,7 @@ def _file_source(root: Path, files: list[Path], labels: list[int] | None, class_
                 warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=2)
                 out.append(None)
                 continue
-            out.append(arr[..., None] if arr.ndim == 2 else arr)
+            out.append(arr)
         return out
 
     def identity(positions: np.ndarray) -> bytes:
@@ -739,6 +737,15 @@ def _first_readable_side(files: list[Path], on_error: str) -> int:
     raise ImageSourceError(f"{files[0].parent}: none of the {len(files)} image files could be read.")
 
 
+def prepare_image(img: Image.Image, size: int, channels: int) -> np.ndarray:
+    """One PIL image as a folder's training images are read: grey ``L`` (``channels=1``) or ``RGB``,
+    shorter side scaled to ``size`` (bicubic), centre square cut -> uint8 ``[size, size, channels]``.
+    Public so that a deployed classifier prepares what it is sent exactly as its training images were."""
+    img.load()
+    arr = np.asarray(_resize_center_crop(img.convert("L" if channels == 1 else "RGB"), size), dtype=np.uint8)
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
 def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     """Scale the shorter side to ``size`` then cut the centre square: keeps aspect, fills the frame."""
     w, h = img.size
@@ -761,10 +768,7 @@ def _conform(images: np.ndarray, size: int | None, channels: int | None) -> np.n
             weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
             images = np.round(images.astype(np.float32) @ weights)[..., None].astype(np.uint8)
     if size is not None and images.shape[1:3] != (size, size):
-        mode = "L" if images.shape[-1] == 1 else "RGB"
-        resized = [
-            np.asarray(_resize_center_crop(Image.fromarray(im.squeeze(-1) if mode == "L" else im, mode), size))
-            for im in images
-        ]
-        images = np.stack([r if r.ndim == 3 else r[..., None] for r in resized])
+        c = images.shape[-1]
+        images = np.stack([prepare_image(Image.fromarray(im.squeeze(-1) if c == 1 else im, "L" if c == 1 else "RGB"),
+                                         size, c) for im in images])
     return images

@@ -181,11 +181,16 @@ class Tokenizer(nn.Module):
         try:
             out = []
             for chunk in x.split(batch_size):
-                z = self.encoder(chunk.to(self.device, torch.float32) * 2 - 1)
-                out.append(self._quantize(z)[1].cpu())
+                out.append(self.encode_pixels(chunk.to(self.device, torch.float32)).cpu())
         finally:
             self.train(was_training)
         return torch.cat(out) if out else torch.empty(0, *self.grid, dtype=torch.long)
+
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """float ``[B, C, H, W]`` in [0, 1], on the tokenizer's device -> ids ``long [B, h, w]``: ``encode``'s
+        core without its batching, device moves, mode switch or no-grad, so that it traces into an exported
+        graph (``lvm.classifier.Classifier.forward``) as the very step ``encode`` runs."""
+        return self._quantize(self.encoder(pixels.float() * 2 - 1))[1]
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor | np.ndarray, batch_size: int = 256) -> torch.Tensor:
