@@ -118,13 +118,15 @@ def build_classifier(checkpoint: str, source: str, method: str = "linear", out: 
 
 def bundle_from_probe(checkpoint: str, probe: LinearProbe, layer: int, out: str, classes: list[str] | None = None,
                       pool: str = _PROBE.pool, grid: int = _PROBE.grid, metrics: dict | None = None,
-                      tokenizer: str = "") -> dict:
+                      tokenizer: str = "", training: dict | None = None) -> dict:
     """Write a linear bundle around a ``LinearProbe`` already fitted on the ``pool``ed layer-``layer`` features
-    of ``checkpoint`` (as ``lvm probe`` fits at 100 % labels): nothing is refitted, so it costs seconds."""
+    of ``checkpoint`` (as ``lvm probe`` fits at 100 % labels): nothing is refitted, so it costs seconds.
+    ``metrics`` and ``training`` (what it was fitted on) are recorded in bundle.json as given."""
     model, tok, ckpt = load_model_and_tokenizer(checkpoint, tokenizer)
     head = LinearHead.from_probe(probe, pool, grid, tok.grid, model.config.d_model)
     classes = classes or [str(c) for c in range(probe.weight.shape[0])]
-    info = {"method": "linear", "metrics": metrics or {}, "training": {"checkpoint": str(ckpt), "l2": probe.l2}}
+    info = {"method": "linear", "metrics": metrics or {},
+            "training": {"checkpoint": str(ckpt), "l2": probe.l2, **(training or {})}}
     clf = Classifier(tok, truncate_lvm(model, layer), head, classes, info)
     clf.save_pretrained(out)
     return {"out": str(out), "method": "linear", "layer": layer, "classes": clf.classes}

@@ -154,9 +154,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _print_summary(result: Any) -> None:
     if isinstance(result, dict):
-        print(json.dumps(result, indent=2, default=str))
+        print(json.dumps(result, indent=2, default=_summary_value))
     elif dataclasses.is_dataclass(result) and not isinstance(result, type):
-        print(json.dumps(dataclasses.asdict(result), indent=2, default=str))
+        print(json.dumps(dataclasses.asdict(result), indent=2, default=_summary_value))
+
+
+def _summary_value(obj: Any) -> str:
+    """Paths and the like as text; a fitted model a runner hands back to Python callers (``lvm probe``'s
+    ``linear_probe``) as its type name, not thousands of numbers."""
+    if (dataclasses.is_dataclass(obj) and not isinstance(obj, type)) or type(obj).__module__.startswith("torch"):
+        return f"<{type(obj).__name__}>"
+    return str(obj)
 
 
 if __name__ == "__main__":

@@ -86,7 +86,8 @@ def create_app(cfg: ServeConfig, classifier: Classifier | None = None):
         "model": str(clf.path or cfg.model), "bundle_id": clf.info.get("bundle_id", ""),
         "method": clf.info.get("method", ""), "layer": clf.layer, "classes": clf.classes,
         "preprocessing": {"image_size": clf.image_size, "channels": clf.channels},
-        "val_accuracy": clf.info.get("metrics", {}).get("val_accuracy"), "backend": cfg.backend, "limits": limits,
+        "val_accuracy": clf.info.get("metrics", {}).get("val_accuracy"),
+        "test_accuracy": clf.info.get("metrics", {}).get("test_accuracy"), "backend": cfg.backend, "limits": limits,
     }
 
     app = FastAPI(title="lvm classifier", version=str(info["bundle_id"]))
