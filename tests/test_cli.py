@@ -20,6 +20,23 @@ def test_help_text_with_percent_signs_renders(capsys):
     assert "1 % labels" in capsys.readouterr().out
 
 
+def test_summary_names_a_returned_model_instead_of_printing_its_weights(capsys):
+    """``lvm probe`` hands its fitted linear probe back to Python callers; the printed summary names it."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from lvm.cli import _print_summary
+    from lvm.probe import LinearProbe
+
+    probe = LinearProbe(torch.zeros(500), torch.ones(500), torch.zeros(3, 500), torch.zeros(3), 1e-3)
+    _print_summary({"out": Path("runs/probe"), "linear_probe": probe, "layer": 2, "weights": torch.zeros(500)})
+    printed = capsys.readouterr().out
+    assert json.loads(printed) == {"out": "runs/probe", "linear_probe": "<LinearProbe>", "layer": 2,
+                                   "weights": "<Tensor>"}
+
+
 # ---- errors: the project's own error classes end in one line and exit 2; anything else is a bug ----
 
 
