@@ -87,7 +87,12 @@ class ProbeConfig:
 
 
 def run_probe(cfg: ProbeConfig) -> dict:
-    """The ``lvm probe`` entry point: writes probe.json, probe.md and label_efficiency.png."""
+    """The ``lvm probe`` entry point: writes probe.json, probe.md and label_efficiency.png.
+
+    Besides the paths and rows it returns (not in probe.json) ``linear_probe``: the ``LinearProbe`` fitted at
+    100 % labels on the first probed layer of the checkpoint, with that ``layer``, its ``features`` row name and
+    the ``classes``, so that a caller can ship it as a classifier (``lvm.classifier_train.bundle_from_probe``)
+    without fitting it again; ``None`` where no linear probe ran at 100 %."""
     _check_config(cfg)
     model, tok, ckpt = load_model_and_tokenizer(cfg.checkpoint, cfg.tokenizer)
     train_set, test_set = _labelled_sets(cfg, tok)
@@ -97,11 +102,15 @@ def run_probe(cfg: ProbeConfig) -> dict:
     task = _encode_task(cfg, tok, train_set, test_set)
     results: dict = {"config": asdict(cfg), "checkpoint": str(ckpt), "rows": [], "layer_sweep": {},
                      "seconds_by_stage": {}}
+    kept: dict = {}  # the checkpoint's 100 %-labels linear probe on its first layer, for a classifier bundle
+    first = None
     for name, m in _models_to_probe(cfg, model, tok, ckpt).items():
         layers = cfg.layers or [_choose_layer(name, m, task, cfg, results)]
         for layer in layers:
             label = f"{name} (layer {layer})"
-            results["rows"] += _probe_layer(label, m, layer, task, cfg, results["seconds_by_stage"])
+            first = first or (label, layer)
+            results["rows"] += _probe_layer(label, m, layer, task, cfg, results["seconds_by_stage"],
+                                            keep=kept if (label, layer) == first else None)
     if cfg.baselines:  # raw pixels, linear probe
         results["rows"] += label_efficiency("raw pixels", pixel_features(train_set), train_set.labels,
                                             pixel_features(test_set), test_set.labels, cfg.fractions, cfg.seeds,
@@ -113,7 +122,9 @@ def run_probe(cfg: ProbeConfig) -> dict:
             results["rows"] += supervised_efficiency(to_nchw(train_set.images), train_set.labels,
                                                      to_nchw(test_set.images), test_set.labels, cfg)
     results["seconds"] = round(time.time() - t0, 1)
-    return _write_outputs(results, cfg.fractions, out)
+    summary = _write_outputs(results, cfg.fractions, out)
+    return {**summary, "linear_probe": kept.get("model"), "layer": first[1], "features": first[0],
+            "classes": train_set.class_names or [str(c) for c in range(int(train_set.labels.max()) + 1)]}
 
 
 @dataclass
@@ -203,8 +214,10 @@ def _choose_layer(name: str, model: LVM, task: ProbeTask, cfg: ProbeConfig, resu
     return best
 
 
-def _probe_layer(label: str, model: LVM, layer: int, task: ProbeTask, cfg: ProbeConfig, clock: dict) -> list[dict]:
-    """Every requested method on one layer of one model; each stage's seconds go to ``clock``."""
+def _probe_layer(label: str, model: LVM, layer: int, task: ProbeTask, cfg: ProbeConfig, clock: dict,
+                 keep: dict | None = None) -> list[dict]:
+    """Every requested method on one layer of one model; each stage's seconds go to ``clock``; ``keep``
+    receives the linear probe fitted at 100 % labels (see ``label_efficiency``)."""
     rows: list[dict] = []
     if "linear" in cfg.methods or "attentive" in cfg.methods:  # both read the cached token states
         print(f"probe: features of {label}", flush=True)
@@ -213,7 +226,7 @@ def _probe_layer(label: str, model: LVM, layer: int, task: ProbeTask, cfg: Probe
                                                 precision=cfg.precision) for ids in (task.train_ids, task.test_ids))
         if "linear" in cfg.methods:
             with _timed(clock, f"{label}: linear"):
-                rows += _linear_rows(label, t_train, t_test, task, cfg)
+                rows += _linear_rows(label, t_train, t_test, task, cfg, keep)
         if "attentive" in cfg.methods:
             with _timed(clock, f"{label}: attentive"):
                 rows += head_efficiency(label, "attentive", t_train, task.train_labels, t_test, task.test_labels, cfg)
@@ -227,11 +240,11 @@ def _probe_layer(label: str, model: LVM, layer: int, task: ProbeTask, cfg: Probe
 
 
 def _linear_rows(label: str, t_train: torch.Tensor, t_test: torch.Tensor, task: ProbeTask,
-                 cfg: ProbeConfig) -> list[dict]:
+                 cfg: ProbeConfig, keep: dict | None = None) -> list[dict]:
     hw = tuple(task.train_ids.shape[1:])
     f_train, f_test = (pool_tokens(t, cfg.pool, hw, cfg.grid) for t in (t_train, t_test))  # [N, F]
     return label_efficiency(label, f_train, task.train_labels, f_test, task.test_labels, cfg.fractions, cfg.seeds,
-                            cfg.seed)
+                            cfg.seed, keep=keep)
 
 
 @contextmanager
@@ -398,15 +411,18 @@ class LinearProbe:
 
 def label_efficiency(
     name: str, f_train: torch.Tensor, y_train: np.ndarray, f_test: torch.Tensor, y_test: np.ndarray,
-    fractions: list[float], seeds: int, seed: int = 0,
+    fractions: list[float], seeds: int, seed: int = 0, keep: dict | None = None,
 ) -> list[dict]:
-    """Test accuracy of a linear probe trained on each fraction of the labels (mean ± std over seeds)."""
+    """Test accuracy of a linear probe trained on each fraction of the labels (mean ± std over seeds);
+    ``keep["model"]`` receives the probe fitted at 100 % labels, a classifier as it stands."""
     y_train_t, y_test_t = torch.from_numpy(y_train), torch.from_numpy(y_test)
 
-    def fit_score(idx: np.ndarray, s: int) -> tuple[float, None]:
-        return LinearProbe.fit(f_train[idx], y_train_t[idx], seed=s).accuracy(f_test, y_test_t), None
+    def fit_score(idx: np.ndarray, s: int) -> tuple[float, None, LinearProbe]:
+        probe = LinearProbe.fit(f_train[idx], y_train_t[idx], seed=s)
+        return probe.accuracy(f_test, y_test_t), None, probe
 
-    return _curve(name, "linear", y_train, fractions, seeds, seed, int(f_train.shape[1]), fit_score, f"probes: {name}")
+    return _curve(name, "linear", y_train, fractions, seeds, seed, int(f_train.shape[1]), fit_score, f"probes: {name}",
+                  keep)
 
 
 def head_efficiency(
@@ -439,16 +455,19 @@ def head_efficiency(
 
 
 def _curve(name: str, method: str, y_train: np.ndarray, fractions: list[float], seeds: int, seed: int, dim: int,
-           fit_score, desc: str) -> list[dict]:
-    """One row per fraction: ``fit_score(subset indices, seed) -> (test acc, val acc or None)`` over
-    ``seeds`` class-balanced label subsets (one at 100 %), reduced to mean ± std."""
+           fit_score, desc: str, keep: dict | None = None) -> list[dict]:
+    """One row per fraction: ``fit_score(subset indices, seed) -> (test acc, val acc or None[, model])`` over
+    ``seeds`` class-balanced label subsets (one at 100 %), reduced to mean ± std; ``keep["model"]`` receives
+    the model fitted at 100 % where ``fit_score`` returns one."""
     rows = []
     bar = tqdm(total=sum(seeds if f < 1 else 1 for f in fractions), desc=desc, unit="fit")
     for frac in fractions:
         accs, val_accs = [], []
         for s in range(seeds if frac < 1 else 1):
             idx = _subset(y_train, frac, seed + s)
-            acc, val = fit_score(idx, seed + s)
+            acc, val, *model = fit_score(idx, seed + s)
+            if keep is not None and frac == 1 and model:
+                keep["model"] = model[0]
             accs.append(acc)
             if val is not None:
                 val_accs.append(val)

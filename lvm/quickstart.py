@@ -1,6 +1,6 @@
 """``lvm quickstart``: the whole story on Fashion-MNIST in one folder, inside a time budget.
 
-    tokenizer-train -> tokenize (train, test) -> train LVM -> generate -> probe -> report.md
+    tokenizer-train -> tokenize (train, test) -> train LVM -> generate -> probe -> classifier/ -> report.md
 
 ``--time-budget`` (default 30 minutes) is split over the stages from speeds measured at the start:
 a timed forward pass of the LVM and a timed probe-sized matmul predict the fixed stages (tokenize,
@@ -8,6 +8,8 @@ probes); the two trained stages share the rest, and each fits its step count to 
 its own warmup (``lvm.runtime.StepBudget``), so the run is sized for the machine it is on, AMX or
 not. The report states the budget, each stage's share and time, and the steps actually run;
 re-running with ``--tokenizer-steps`` / ``--lvm-steps`` set to those counts reproduces the models.
+The probe stage's linear probe at 100 % labels is written as a classifier bundle (``classifier/``,
+nothing refitted) that ``lvm predict`` / ``lvm export`` / ``lvm serve`` take as it is.
 
 Finished stages are skipped on a re-run (tokenizer, probes) or resume from their last checkpoint
 (tokenize, pretrain); generation is cheap and always re-run. ``--fast`` is a smoke run of about a
@@ -41,7 +43,8 @@ ESTIMATE_MARGIN = 1.05  # fixed stages are predicted, not fitted: err a little o
 RANDOM_INIT_MAX_SHARE = 1 / 3  # the random-init baseline runs only if the whole probe stage fits in this share
 PROBE_MAX_SHARE = 1 / 2  # beyond this, the probes fit on an even subsample of the labelled training images
 MIN_PROBE_IMAGES = 1000
-SLACK_S = 45.0  # generation, plots, report, process start
+SLACK_S = 45.0  # generation, plots, classifier bundle, report, process start
+FAST_TEST_IMAGES = 1000  # --fast: test images tokenized and probed
 
 
 @dataclass
@@ -115,7 +118,7 @@ def quickstart(cfg: QuickstartConfig) -> dict:
 
     # 2. tokens ---------------------------------------------------------------------------------
     budget.start("tokenize")
-    limit = {"train": 3000, "test": 1000} if fast else {"train": 0, "test": 0}
+    limit = {"train": 3000, "test": FAST_TEST_IMAGES} if fast else {"train": 0, "test": 0}
     for side in ("train", "test"):
         run_tokenize(TokenizeConfig(source=cfg.source, tokenizer=str(tok_dir), out=str(out / "tokens" / side),
                                     split=side, limit=limit[side], on_error=cfg.on_error,
@@ -147,19 +150,26 @@ def quickstart(cfg: QuickstartConfig) -> dict:
                                   on_error=cfg.on_error, **sides))
     budget.end("generate")
 
-    # 5. probes ---------------------------------------------------------------------------------
+    # 5. probes, and the 100 %-labels linear probe as a classifier bundle ---------------------------
     budget.start("probe")
-    probe_dir = out / "probe"
-    if not (probe_dir / "probe.json").exists():
-        run_probe(ProbeConfig(
+    probe_dir, bundle_dir = out / "probe", out / "classifier"
+    wants_bundle = "linear" in cfg.probe_methods and any(f >= 1 for f in cfg.probe_fractions)
+    missing_bundle = wants_bundle and not (bundle_dir / "bundle.json").exists()
+    if (probe_dir / "probe.json").exists() and missing_bundle:  # a run from before bundles, or stopped in between
+        print(f"quickstart: no classifier bundle in {bundle_dir}; running the probes again to fit it", flush=True)
+    if not (probe_dir / "probe.json").exists() or missing_bundle:
+        probed = run_probe(ProbeConfig(
             checkpoint=str(lvm_dir), source=cfg.source, fractions=cfg.probe_fractions, pool=cfg.probe_pool,
             methods=cfg.probe_methods, **({"head_max_steps": 200, "finetune_max_steps": 30} if fast else {}),
             grid=cfg.probe_grid, seeds=cfg.probe_seeds, sweep_images=1000 if fast else 5000,
-            limit_train=3000 if fast else budget.measured.get("probe_train_images", 0), limit_test=1000 if fast else 0,
+            limit_train=3000 if fast else budget.measured.get("probe_train_images", 0),
+            limit_test=FAST_TEST_IMAGES if fast else 0,
             out=str(probe_dir), seed=cfg.seed,
             precision=cfg.precision, random_init=budget.measured.get("random_init", True), on_error=cfg.on_error,
             **sides,
         ))
+        if probed["linear_probe"] is not None:
+            write_classifier(bundle_dir, cfg, probed, split)
     probe = json.loads((probe_dir / "probe.json").read_text())
     budget.end("probe")
 
@@ -167,9 +177,11 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     from lvm.report import plot_loss_curve
 
     plot_loss_curve(lvm_dir / "metrics.jsonl", out / "loss_curve.png", unigram_entropy=entropy)
-    report = write_report(out, cfg, tok_eval, summary, entropy, probe, budget, split)
+    shown = show_classifier(out, cfg) if (bundle_dir / "bundle.json").exists() else None
+    report = write_report(out, cfg, tok_eval, summary, entropy, probe, budget, split, shown)
     print(f"\nquickstart report: {report}")
-    return {"report": str(report), "tokenizer_psnr_db": tok_eval.get("psnr_db"), "eval_loss": summary["eval_loss"],
+    return {"report": str(report), "classifier": str(bundle_dir) if shown else None,
+            "tokenizer_psnr_db": tok_eval.get("psnr_db"), "eval_loss": summary["eval_loss"],
             "unigram_entropy": entropy, "grid": gen["grid"], "timings_s": {k: v.get("seconds") for k, v in stages.items()},
             "steps": {k: v["steps"] for k, v in stages.items() if "steps" in v}, "budget_s": budget.total_s}
 
@@ -369,8 +381,8 @@ def unigram_entropy(tokens: np.ndarray) -> float:
 
 
 def write_report(out: Path, cfg: QuickstartConfig, tok_eval: dict, train_summary: dict, entropy: float,
-                 probe: dict, budget: Budget, split: dict) -> Path:
-    """One Markdown page with every figure and picture of the run."""
+                 probe: dict, budget: Budget, split: dict, classifier: dict | None = None) -> Path:
+    """One Markdown page with every figure and picture of the run (``classifier``: ``show_classifier``'s)."""
     probe_md = (out / "probe" / "probe.md").read_text()
     lines = [
         "# LVM quickstart report",
@@ -416,9 +428,170 @@ def write_report(out: Path, cfg: QuickstartConfig, tok_eval: dict, train_summary
         probe_md,
         "![label efficiency](probe/label_efficiency.png)",
         "",
+        *classifier_lines(cfg, classifier, split),
     ]
     return write_text_atomic(out / "report.md", "\n".join(lines))
 
+
+FIGURE_IMAGES = 16  # test images in classifier/predictions.png (a few of each class)
+
+
+def write_classifier(bundle_dir: Path, cfg: QuickstartConfig, probed: dict, split: dict) -> dict:
+    """The probe stage's linear probe at 100 % labels as a classifier bundle, wrapped without refitting
+    (``bundle_from_probe``: seconds). Its metrics are the probe's test accuracy, on images no stage
+    fitted or chose on, and what the head was fitted on (a subsample where the budget or --fast cut it)."""
+    from lvm.classifier_train import bundle_from_probe
+
+    probe, layer = probed["linear_probe"], probed["layer"]
+    row = next(r for r in probed["rows"] if r["features"] == probed["features"] and r["method"] == "linear"
+               and r["fraction"] >= 1)
+    n_train, n_test = sum(split["train"].values()), sum(split["test"].values())
+    n_test = min(n_test, FAST_TEST_IMAGES) if cfg.fast else n_test
+    metrics = {
+        "test_accuracy": row["acc_mean"],
+        "test_accuracy_is": f"test accuracy ({test_side(cfg, split)}, never used to fit or choose), measured by the "
+                            f"quickstart's probe stage on {n_test:,} test images",
+        "test_images": n_test,
+        "train_images": row["n_labels"],
+        "fitted": f"the quickstart's linear probe at 100 % labels (layer {layer}, chosen on training images; "
+                  f"L2 {probe.l2:g}, chosen on a validation split of the training labels), wrapped without refitting",
+    }
+    if row["n_labels"] < n_train:
+        why = "--fast" if cfg.fast else "the probes on every label would not fit half of the time budget on this CPU"
+        metrics["train_subsample"] = (f"the head was fitted on {row['n_labels']:,} of the {n_train:,} labelled "
+                                      f"training images, a subsample of the training side ({why}); "
+                                      "'lvm classifier-train' fits one on all of them")
+    classes = probed["classes"][: probe.weight.shape[0]]
+    return bundle_from_probe(str(Path(cfg.out) / "lvm"), probe, layer, str(bundle_dir), classes, pool=cfg.probe_pool,
+                             grid=cfg.probe_grid, metrics=metrics,
+                             training={"source": cfg.source, "test_source": cfg.test_source or None,
+                                       "by": "lvm quickstart"})
+
+
+def test_side(cfg: QuickstartConfig, split: dict) -> str:
+    """The test images in words: the side no stage trains or chooses on."""
+    if cfg.test_source:
+        return f"the test set {cfg.test_source}"
+    if split.get("rule", "").startswith("the source's published"):
+        return "Fashion-MNIST test" if "fashion" in cfg.source.lower() else f"the {cfg.source} test split"
+    return f"the test side of {cfg.source}, {split.get('rule', 'split.json')}"
+
+
+def show_classifier(out: Path, cfg: QuickstartConfig) -> dict:
+    """Load the saved bundle as a user would (``Classifier.from_pretrained``), predict a few test images (the
+    first of each class, in test order), save them as PNGs in ``examples/`` (what the report's commands run
+    on) and draw ``classifier/predictions.png``: proof that the bundle on disk works. Returns what the
+    report states about it."""
+    import shutil
+
+    from PIL import Image
+
+    from lvm.classifier import Classifier
+    from tokenizer.images import open_images
+
+    bundle_dir = out / "classifier"
+    size = sum(f.stat().st_size for f in bundle_dir.rglob("*") if f.is_file() and f.name != "predictions.png")
+    clf = Classifier.from_pretrained(bundle_dir)
+    test = open_images(cfg.source, "test", clf.image_size, clf.channels, cfg.on_error, progress=False,
+                       test_fraction=cfg.test_fraction, test_source=cfg.test_source or None)
+    names = test.class_names or [str(c) for c in range(int(test.labels.max()) + 1)]
+    present = np.unique(test.labels)
+    per_class = max(1, min(4, round(FIGURE_IMAGES / len(present))))
+    picks = [int(p) for c in present for p in np.flatnonzero(test.labels == c)[:per_class]][: 2 * FIGURE_IMAGES]
+    images, kept = test.read(np.asarray(picks))
+    truth = [names[test.labels[p]] for p in kept]
+    predicted, probs = clf.predict(images)
+
+    examples = out / "examples"
+    shutil.rmtree(examples, ignore_errors=True)
+    examples.mkdir()
+    files = []
+    for i, (image, name) in enumerate(zip(images, truth)):
+        slug = "".join(ch if ch.isalnum() else "-" for ch in name).strip("-") or "image"
+        files.append(examples / f"{i:02d}-{slug}.png")
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(files[-1])
+    wrong = plot_predictions(images, predicted, probs.max(1), truth, bundle_dir / "predictions.png")
+    return {"path": bundle_dir, "bytes": size, "params": clf.num_params()["total"], "layer": clf.layer,
+            "classes": len(clf.classes), "metrics": clf.info.get("metrics", {}), "shown": len(images),
+            "per_class": per_class, "wrong": wrong, "examples": files}
+
+
+def plot_predictions(images: np.ndarray, predicted: list[str], confidence: np.ndarray, truth: list[str],
+                     path: Path) -> int:
+    """A grid of images titled with the predicted label and its probability over the true one; wrong ones in
+    red with a cross. Returns how many are wrong."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(8, len(images))
+    rows = -(-len(images) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.45 * cols, 1.75 * rows), dpi=110, squeeze=False)
+    wrong = 0
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, pred, p, true in zip(axes.flat, images, predicted, confidence, truth):
+        ok = pred == true
+        wrong += not ok
+        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None,
+                  vmin=0, vmax=255)
+        ax.set_title(f"{'' if ok else 'X '}{pred} {100 * p:.0f}%\ntrue: {true}", fontsize=6.5,
+                     color="black" if ok else "red")
+    fig.suptitle("predicted label, probability / true label (X, red: wrong)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return wrong
+
+
+def classifier_lines(cfg: QuickstartConfig, shown: dict | None, split: dict) -> list[str]:
+    """Section 5: where the bundle is, what it scores, a figure of its predictions, and how to run it."""
+    import shlex
+
+    run = Path(cfg.out)
+    q = lambda p: shlex.quote(str(p))  # noqa: E731
+    lines = ["## 5. Your classifier", ""]
+    if shown is None:
+        return lines + [
+            "No classifier bundle: the linear probe did not run at 100 % labels (`--probe-methods` / "
+            f"`--probe-fractions`). `lvm classifier-train --checkpoint {q(run / 'lvm')} --source {q(cfg.source)} "
+            f"--out {q(run / 'classifier')}` builds one.", ""]
+    m = shown["metrics"]
+    mib = shown["bytes"] / 2**20
+    lines += [
+        f"`{run / 'classifier'}/` is a classifier bundle ({mib:.1f} MiB; tokenizer, LVM cut at layer {shown['layer']} "
+        f"and the linear head, safetensors + JSON; {shown['params'] / 1e6:.2f} M parameters run per image): the "
+        "linear probe of section 4 at 100 % labels, saved as it was fitted, nothing refitted. "
+        + (f"Test accuracy **{100 * m['test_accuracy']:.1f} %** on {m['test_images']:,} test images "
+           f"({test_side(cfg, split)}: never used to fit or choose)." if "test_accuracy" in m else ""),
+        "",
+    ]
+    if m.get("train_subsample"):
+        lines += [f"Note: {m['train_subsample']}.", ""]
+    example = shown["examples"][0] if shown["examples"] else run / "examples" / "image.png"
+    lines += [
+        f"{shown['shown']} test images ({shown['per_class']} of each class, the first in test order) as the saved "
+        "bundle predicts them, loaded back with `lvm.Classifier.from_pretrained`: predicted label and probability "
+        f"over the true label, wrong ones in red ({shown['wrong']} of {shown['shown']}). The images are in "
+        f"`{run / 'examples'}/`.",
+        "",
+        "![predictions](classifier/predictions.png)",
+        "",
+        "Run it on your images (`lvm export` and `lvm serve` need the deploy extra: `pip install -e '.[deploy]'`):",
+        "",
+        "```bash",
+        f"lvm predict --model {q(run / 'classifier')} --images {q(run / 'examples')} --out preds.csv --top-k 3",
+        f"lvm export --model {q(run / 'classifier')} --format onnx --out {q(run / 'classifier.onnx')}",
+        f"lvm serve --model {q(run / 'classifier')} --port 8000 --backend onnx",
+        f"curl -F files=@{q(example)} http://127.0.0.1:8000/predict   # from another shell",
+        "```",
+        "",
+        f"From Python: `Classifier.from_pretrained({str(run / 'classifier')!r}).predict(paths)` (`from lvm import "
+        "Classifier`).",
+        "",
+    ]
+    return lines
 
 def split_lines(split: dict, out: Path) -> list[str]:
     """The data the run used: image shape, the split rule, images per side and class, warnings."""
@@ -451,14 +624,12 @@ def _skipped_files(out: Path) -> list[str]:
 
 def budget_lines(budget: Budget, cfg: QuickstartConfig) -> list[str]:
     """The time budget, each stage's share and time, and the steps actually run, as Markdown."""
-    import platform
-
-    from lvm.runtime import cpu_has_fast_bf16
+    from lvm.runtime import cpu_has_fast_bf16, cpu_model
 
     total = budget.spent_s
     head = (f"Time: **{total / 60:.1f} min** in all"
             + (f" of a {budget.total_s / 60:.0f}-minute budget" if budget.total_s else " (no time budget)")
-            + f"; CPU: {_cpu_name() or platform.processor() or 'unknown'}, "
+            + f"; CPU: {cpu_model() or 'unknown'}, "
             + f"AMX {'yes' if cpu_has_fast_bf16() else 'no'}, precision {cfg.precision}.")
     rows = ["| stage | share or estimate (s) | time (s) | steps |", "|---|---|---|---|"]
     for name, rec in budget.stages.items():
@@ -476,12 +647,3 @@ def budget_lines(budget: Budget, cfg: QuickstartConfig) -> list[str]:
                     "the test set is whole. `lvm probe` without `--limit-train` uses them all.")
     return [head, "", *rows, "", again, skipped, ""]
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""

@@ -46,6 +46,27 @@ def test_probe_end_to_end(tiny_pipeline, tmp_path):
     saved = json.loads((tmp_path / "probe.json").read_text())
     assert saved["rows"] == rows
     assert sorted(saved["layer_sweep"]["lvm"]) == ["1", "2"]  # every block of the tiny model was scored
+    _check_kept_probe(summary, cfg, tiny_pipeline)
+    assert "linear_probe" not in saved and "linear_probe" not in json.dumps(saved)  # handed back, not written
+
+
+def _check_kept_probe(summary, cfg, tiny_pipeline):
+    """run_probe hands back the checkpoint's linear probe at 100 % labels: the one that scored its 100 % row."""
+    from lvm.checkpoint import load_model_and_tokenizer
+    from lvm.data import SpecialTokens
+    from lvm.probe import extract_features, pool_tokens
+    from tokenizer.images import load_images
+
+    probe, layer = summary["linear_probe"], summary["layer"]
+    assert isinstance(probe, LinearProbe) and summary["features"] == f"lvm (layer {layer})"
+    assert summary["classes"] == ["0", "1", "2"]  # an .npz without class names
+    row = next(r for r in summary["rows"] if r["features"] == summary["features"] and r["fraction"] == 1.0)
+    model, tok, _ = load_model_and_tokenizer(tiny_pipeline["lvm"])
+    test = load_images(tiny_pipeline["npz"], "test", size=16, channels=1)
+    tokens = extract_features(model, tok.encode(test.images), SpecialTokens(tok.vocab_size), layer, "tokens")
+    features = pool_tokens(tokens, cfg.pool, tok.grid, cfg.grid)
+    assert probe.weight.shape == (3, features.shape[1])
+    assert probe.accuracy(features, test.labels) == row["acc_mean"]
 
 
 def test_probe_rejects_unlabeled_data(tiny_pipeline, tmp_path):

@@ -17,11 +17,40 @@ def test_quickstart_fast_end_to_end_and_resume(tiny_pipeline, tmp_path):
     report = (out / "report.md").read_text()
     assert "raw pixels" in report and "![completions](generate/grid.png)" in report
     assert summary["eval_loss"] < summary["unigram_entropy"] + 1.0
+    _check_classifier(out, tiny_pipeline["npz"], report)
     stamp = (out / "probe" / "probe.json").stat().st_mtime_ns
     again = quickstart(cfg)  # finished stages are skipped, not redone
     assert (out / "probe" / "probe.json").stat().st_mtime_ns == stamp
     assert again["eval_loss"] == pytest.approx(summary["eval_loss"], abs=1e-4)  # metrics.jsonl keeps 5 decimals
     assert json.loads((out / "quickstart_config.json").read_text())["fast"] is True
+
+
+def _check_classifier(out, source, report):
+    """The probe's 100 %-labels linear probe shipped as a bundle: it loads as a user loads it, scores on the test
+    images what the probe reported, records that as its test accuracy, and the report shows and runs it."""
+    import numpy as np
+
+    from lvm import Classifier
+    from tokenizer.images import load_images
+
+    probe = json.loads((out / "probe" / "probe.json").read_text())
+    row = next(r for r in probe["rows"] if r["features"].startswith("lvm (layer") and r["method"] == "linear"
+               and r["fraction"] == 1.0)
+    clf = Classifier.from_pretrained(out / "classifier")
+    assert f"lvm (layer {clf.layer})" == row["features"]
+    test = load_images(source, "test", size=clf.image_size, channels=clf.channels, limit=1000)
+    labels, _ = clf.predict(test.images)
+    accuracy = float(np.mean([label == str(y) for label, y in zip(labels, test.labels)]))
+    assert abs(accuracy - row["acc_mean"]) <= 0.005, (accuracy, row)
+    metrics = json.loads((out / "classifier" / "bundle.json").read_text())["metrics"]
+    assert metrics["test_accuracy"] == row["acc_mean"] and metrics["test_images"] == len(test)
+    assert metrics["train_images"] == row["n_labels"] and "never used to fit or choose" in metrics["test_accuracy_is"]
+    assert (out / "classifier" / "predictions.png").stat().st_size > 1000
+    shown = sorted((out / "examples").glob("*.png"))
+    assert 8 <= len(shown) <= 32
+    assert "## 5. Your classifier" in report and "![predictions](classifier/predictions.png)" in report
+    assert f"lvm predict --model {out / 'classifier'} --images {out / 'examples'} --out preds.csv" in report
+    assert f"lvm serve --model {out / 'classifier'} --port 8000" in report and "lvm export --model" in report
 
 
 def test_budget_shares_follow_the_measured_fixed_stages(tmp_path, monkeypatch):
