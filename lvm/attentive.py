@@ -6,7 +6,8 @@ bottom-right one the whole image. A mean over them blurs that; an attention-pool
 
 - ``attentive``: the LVM is frozen; the head trains on cached per-token states of one layer.
 - ``finetune``: the LVM up to that layer trains too (smaller learning rate than the head), on the
-  token ids, with horizontally flipped images as augmentation when they are given.
+  token ids, with augmented views (flips, small translations; ``lvm.augment``) when they are given,
+  optionally starting from a fitted linear probe (LP-FT) and with the levers of ``HeadTrainConfig``.
 
 Training keeps out a validation part of the labelled subset and returns the weights of the best
 validation epoch, so no test label is ever used to choose anything.
@@ -22,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import einsum, rearrange
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from lvm.data import SpecialTokens, image_rows
@@ -73,31 +75,58 @@ class AttentiveClassifier(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """What the last linear layer reads ``[B, F]`` (mixup mixes these)."""
+        return self.pool(tokens)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(tokens))
+        return self.logits(self.features(tokens))
 
 
 class FineTuneClassifier(nn.Module):
-    """The LVM read up to ``layer`` on ``[BOS] image``, then an attentive head over the image's token states."""
+    """The LVM read up to ``layer`` on ``[BOS] image``, then a head over the image's token states.
+
+    The head is an attentive one by default; ``head`` may instead be an ``lvm.classifier.LinearHead``
+    (e.g. wrapping a fitted linear probe: "LP-FT", which starts fine-tuning from the probe's solution).
+    """
 
     def __init__(self, lvm: LVM, layer: int, tokens: int, classes: int, special: SpecialTokens,
-                 heads: int | None = None) -> None:
+                 heads: int | None = None, head: nn.Module | None = None) -> None:
         super().__init__()
         self.backbone = copy.deepcopy(lvm)
         # Blocks past ``layer`` are never run; dropping them keeps the optimizer and checkpoints honest.
         self.backbone.blocks = self.backbone.blocks[:layer]
         self.layer, self.special = layer, special
-        self.classifier = AttentiveClassifier(lvm.config.d_model, tokens, classes, heads)
+        self.classifier = head if head is not None else AttentiveClassifier(lvm.config.d_model, tokens, classes, heads)
+
+    def features(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids`` [B, T] image tokens (row-major) -> the head's input features [B, F]."""
+        states = self.backbone.hidden_states(image_rows(ids, self.special), layers=[self.layer])[0][:, 1:]
+        if isinstance(self.classifier, AttentiveClassifier):
+            return self.classifier.features(states)
+        return (self.classifier.pool(states) - self.classifier.mean) / self.classifier.std  # LinearHead
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.classifier, AttentiveClassifier):
+            return self.classifier.logits(features)
+        return self.classifier.linear(features)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """``ids`` [B, T] image tokens (row-major) -> logits [B, classes]."""
-        states = self.backbone.hidden_states(image_rows(ids, self.special), layers=[self.layer])[0]
-        return self.classifier(states[:, 1:])  # [B, T, D]: the states at the image's tokens
+        return self.logits(self.features(ids))
 
 
 @dataclass
 class HeadTrainConfig:
-    """How a probe head (or a fine-tuned LVM) is trained on one labelled subset."""
+    """How a probe head (or a fine-tuned LVM) is trained on one labelled subset.
+
+    The fine-tuning levers (``layer_decay``, ``train_blocks``, ``mixup``, ``ema``, and in ``fine_tune``
+    augmented views and ``init="probe"``) default to off, i.e. to the recipe measured before them;
+    bench/results/finetune-levers-cpu.md measures each one.
+    """
 
     epochs: int = 30  # upper bound; ``max_steps`` may end training sooner
     max_steps: int = 2000
@@ -108,57 +137,93 @@ class HeadTrainConfig:
     label_smoothing: float = 0.1
     val_fraction: float = 0.1
     evals: int = 10  # validation passes spread over training; the best one's weights are kept
+    layer_decay: float = 1.0  # fine-tuning: block i of L trains at backbone lr x layer_decay ** (L - i)
+    train_blocks: int = 0  # fine-tuning: train only the top k blocks, the rest frozen (0: all, embeddings too)
+    mixup: float = 0.0  # Beta(a, a) mixing of pairs of the head's input features and their labels (0: off)
+    ema: float = 0.0  # decay of an exponential moving average of the weights; evaluated and kept if > 0
     precision: str = "auto"  # autocast for forward passes: auto (bf16 on CUDA and AMX CPUs), bf16, fp32
     seed: int = 0
 
 
+def split_rows(n: int, cfg: HeadTrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train rows, validation rows) of ``train_classifier``: a seeded random ``val_fraction`` held out."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+    n_val = max(1, int(round(n * cfg.val_fraction))) if n >= 10 else 0
+    return perm[n_val:], perm[:n_val]
+
+
 def train_classifier(
     model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, cfg: HeadTrainConfig,
-    flipped: torch.Tensor | None = None, backbone: nn.Module | None = None, desc: str = "head",
+    views: torch.Tensor | None = None, lr_scale: dict[int, float] | None = None, desc: str = "head",
+    eval_at_start: bool = False,
 ) -> tuple[nn.Module, float]:
-    """Train ``model(inputs[i]) -> logits`` on a random (1 - val_fraction) part of the rows.
+    """Train ``model(inputs[i]) -> logits`` on the train rows of ``split_rows``.
 
     Returns the model with the weights of its best validation pass, and that validation accuracy.
-    ``flipped`` (same shape as ``inputs``) is used instead of a row with probability 1/2.
-    ``backbone`` marks parameters trained at ``lr * backbone_lr_scale``.
+    ``views`` ``[V, N, ...]``: augmented copies of ``inputs``; each training row is drawn from the
+    original or one of its V views with equal chance. ``lr_scale`` maps ``id(param)`` to an LR factor.
+    ``eval_at_start`` makes the untrained weights a candidate (a head initialised from a fitted probe).
+    Mixup needs ``model.features`` and ``model.logits``.
     """
     labels = torch.as_tensor(labels).long()
-    n = len(inputs)
     gen = torch.Generator().manual_seed(cfg.seed)
-    perm = torch.randperm(n, generator=gen)
-    n_val = max(1, int(round(n * cfg.val_fraction))) if n >= 10 else 0
-    val, tr = perm[:n_val], perm[n_val:]
+    tr, val = split_rows(len(inputs), cfg)
     sampler = EpochSampler(len(tr), cfg.batch_size, cfg.seed)
     steps = max(1, min(cfg.max_steps, cfg.epochs * sampler.per_epoch))
     eval_at = set(np.linspace(0, steps, cfg.evals + 1, dtype=int)[1:].tolist())
-    # no decay on position tables and token embeddings; the backbone at lr * backbone_lr_scale
+    # no decay on position tables and token embeddings
     no_decay = [p for name, p in model.named_parameters() if name.endswith("pos")]
     no_decay += [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
-    scale = {id(p): cfg.backbone_lr_scale for p in backbone.parameters()} if backbone is not None else {}
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr, no_decay, scale))
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr, no_decay, lr_scale))
     warmup = max(1, steps // 20)
     autocast = mixed_precision(next(model.parameters()).device, cfg.precision)
+    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+           if cfg.ema > 0 else None)
+    if ema is not None:
+        ema.update_parameters(model)  # the average starts at the initial weights, not after the first step
+    beta = torch.distributions.Beta(cfg.mixup, cfg.mixup) if cfg.mixup > 0 else None
 
-    best_acc, best_state = -1.0, None
+    def evaluate(step_loss: float) -> float:
+        kept = ema.module if ema is not None else model
+        acc = accuracy(kept, inputs[val], labels[val], cfg.precision) if len(val) else -step_loss
+        model.train()
+        return acc
+
+    best_acc, best_state = -math.inf, None
+    if eval_at_start and len(val):
+        best_acc, best_state = evaluate(0.0), copy.deepcopy(model.state_dict())
     model.train()
     bar = tqdm(range(steps), desc=desc, unit="step", leave=False)
     for step in bar:
         idx = tr[sampler.at(step)]
         x = inputs[idx]
-        if flipped is not None:
-            flip = torch.rand(len(idx), generator=gen) < 0.5
-            x = torch.where(flip.view(-1, *([1] * (x.ndim - 1))), flipped[idx], x)
+        if views is not None:  # row r reads view k - 1 when k > 0, the original when k == 0
+            pick = torch.randint(0, len(views) + 1, (len(idx),), generator=gen)
+            for k in range(1, len(views) + 1):
+                rows = torch.nonzero(pick == k).flatten()
+                x[rows] = views[k - 1][idx[rows]]
         set_lr(opt, warmup_cosine(step, steps, warmup))
+        y = labels[idx]
         with autocast:
-            loss = F.cross_entropy(model(x).float(), labels[idx], label_smoothing=cfg.label_smoothing)
+            if beta is not None:
+                lam = float(beta.sample())
+                mate = torch.randperm(len(idx), generator=gen)
+                feats = model.features(x)
+                logits = model.logits(lam * feats + (1 - lam) * feats[mate]).float()
+                loss = (lam * F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                        + (1 - lam) * F.cross_entropy(logits, y[mate], label_smoothing=cfg.label_smoothing))
+            else:
+                loss = F.cross_entropy(model(x).float(), y, label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if ema is not None:
+            ema.update_parameters(model)
         if step + 1 in eval_at:
-            acc = accuracy(model, inputs[val], labels[val], cfg.precision) if n_val else -loss.item()
-            model.train()
+            acc = evaluate(loss.item())
             if acc > best_acc:
-                best_acc, best_state = acc, copy.deepcopy(model.state_dict())
+                kept = ema.module if ema is not None else model
+                best_acc, best_state = acc, copy.deepcopy(kept.state_dict())
             bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{acc:.3f}")
     bar.close()
     if best_state is not None:
@@ -190,12 +255,74 @@ def fit_attentive(
     return train_classifier(model, tokens, labels, cfg, desc="attentive probe")
 
 
+FINETUNE_INITS = ("attentive", "probe")
+
+
 def fine_tune(
     lvm: LVM, ids: torch.Tensor, labels, layer: int, special: SpecialTokens, cfg: HeadTrainConfig,
-    flipped_ids: torch.Tensor | None = None, heads: int | None = None,
+    flipped_ids: torch.Tensor | None = None, heads: int | None = None, views: torch.Tensor | None = None,
+    init: str = "attentive", hw: tuple[int, int] | None = None, grid: int = 3,
 ) -> tuple[FineTuneClassifier, float]:
-    """Fine-tune a copy of ``lvm`` (blocks 1..layer) with an attentive head on image token ids ``[N, T]``."""
+    """Fine-tune a copy of ``lvm`` (blocks 1..layer) with a head on image token ids ``[N, T]``.
+
+    ``init="attentive"``: a fresh attentive head. ``init="probe"``: a linear head on ``grid``-pooled
+    states (``hw`` is the token grid), initialised with a linear probe fitted on the frozen features
+    of the training rows only (LP-FT: fine-tuning starts from, and is validated against, the probe).
+    ``views`` ``[V, N, T]`` (or the older ``flipped_ids`` ``[N, T]``) are augmented token views.
+    """
+    if init not in FINETUNE_INITS:
+        raise ValueError(f"fine_tune: init={init!r} is not one of {FINETUNE_INITS}.")
     torch.manual_seed(cfg.seed)
-    classes = int(torch.as_tensor(labels).max()) + 1
-    model = FineTuneClassifier(lvm, layer, ids.shape[1], classes, special, heads)
-    return train_classifier(model, ids, labels, cfg, flipped=flipped_ids, backbone=model.backbone, desc="fine-tune")
+    labels = torch.as_tensor(labels).long()
+    classes = int(labels.max()) + 1
+    if views is None and flipped_ids is not None:
+        views = flipped_ids[None]
+    head = None
+    if init == "probe":
+        head = _probe_head(lvm, ids, labels, layer, special, cfg, hw, grid, classes)
+    model = FineTuneClassifier(lvm, layer, ids.shape[1], classes, special, heads, head)
+    scale = backbone_lr_scales(model.backbone, layer, cfg)
+    return train_classifier(model, ids, labels, cfg, views=views, lr_scale=scale, desc="fine-tune",
+                            eval_at_start=init == "probe")
+
+
+def backbone_lr_scales(backbone: LVM, layer: int, cfg: HeadTrainConfig) -> dict[int, float]:
+    """LR factors of the backbone's parameters, freezing those below the top ``train_blocks`` blocks.
+
+    Block i (1-based) of ``layer`` gets ``backbone_lr_scale * layer_decay ** (layer - i)``; the token
+    embedding (and anything else not in a block) ``... ** layer``: lower layers hold more general
+    features and move less (BEiT / ELECTRA's layer-wise decay).
+    """
+    scale: dict[int, float] = {}
+    frozen_below = layer - cfg.train_blocks if cfg.train_blocks > 0 else 0
+    in_blocks = set()
+    for i, block in enumerate(backbone.blocks, start=1):
+        for p in block.parameters():
+            in_blocks.add(id(p))
+            if i <= frozen_below:
+                p.requires_grad_(False)
+            scale[id(p)] = cfg.backbone_lr_scale * cfg.layer_decay ** (layer - i)
+    for p in backbone.parameters():
+        if id(p) not in in_blocks:
+            if frozen_below > 0:
+                p.requires_grad_(False)
+            scale[id(p)] = cfg.backbone_lr_scale * cfg.layer_decay ** layer
+    return scale
+
+
+def _probe_head(lvm: LVM, ids: torch.Tensor, labels: torch.Tensor, layer: int, special: SpecialTokens,
+                cfg: HeadTrainConfig, hw: tuple[int, int] | None, grid: int, classes: int) -> nn.Module:
+    """A ``LinearHead`` holding a linear probe fitted on the frozen, grid-pooled states of the training rows."""
+    from lvm.classifier import LinearHead
+    from lvm.probe import LinearProbe, extract_features
+
+    if hw is None:
+        side = math.isqrt(ids.shape[1])
+        if side * side != ids.shape[1]:
+            raise ValueError(f"fine_tune: {ids.shape[1]} tokens per image is not a square grid; pass hw=(h, w).")
+        hw = (side, side)
+    tr, _ = split_rows(len(ids), cfg)  # the validation rows stay unseen by the probe too
+    feats = extract_features(lvm, ids[tr].reshape(len(tr), *hw), special, layer, "grid", grid,
+                             precision=cfg.precision)
+    probe = LinearProbe.fit(feats, labels[tr], seed=cfg.seed, classes=classes)
+    return LinearHead.from_probe(probe, "grid", grid, hw, lvm.config.d_model)

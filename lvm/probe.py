@@ -19,9 +19,9 @@ import json
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -80,6 +80,12 @@ class ProbeConfig:
     finetune_max_steps: int = 300  # ~170 images/s for `small` on 2 cores: 300 x 128 images ~ 4 minutes per fit
     finetune_lr: float = 1e-3  # the head's; the LVM's is 10x lower
     flip: bool = True  # fine-tuning: horizontally flipped images as augmentation
+    finetune_views: int = 0  # fine-tuning: augmented views per image (random flips + translations); 0: the mirror only
+    finetune_init: str = "attentive"  # fine-tuning head: a fresh attentive head, or "probe" (a fitted linear probe: LP-FT)
+    finetune_layer_decay: float = 1.0  # fine-tuning: block i of L at lr x decay ** (L - i)
+    finetune_train_blocks: int = 0  # fine-tuning: train only the top k blocks (0: all)
+    finetune_mixup: float = 0.0  # fine-tuning: Beta(a, a) mixup of the head's input features (0: off)
+    finetune_ema: float = 0.0  # fine-tuning: EMA decay of the weights that are validated and kept (0: off)
     batch_size: int = 256
     precision: str = "auto"  # features, heads, fine-tuning: auto (bf16 on CUDA and AMX CPUs), bf16, fp32
     seed: int = 0
@@ -136,7 +142,7 @@ class ProbeTask:
     train_labels: np.ndarray  # [N]
     test_ids: torch.Tensor  # [M, h, w]
     test_labels: np.ndarray  # [M]
-    flipped_ids: torch.Tensor | None = None  # [N, h*w] of the mirrored train images: fine-tuning's augmentation
+    views: Callable[[np.ndarray, int], torch.Tensor] | None = None  # (train indices, seed) -> augmented ids [V, n, h*w]
 
 
 def _check_config(cfg: ProbeConfig) -> None:
@@ -150,6 +156,13 @@ def _check_config(cfg: ProbeConfig) -> None:
     bad = [f for f in cfg.fractions if not 0 < f <= 1]
     if bad:
         raise ProbeError(f"fractions {bad} must lie in (0, 1].")
+    if cfg.finetune_init not in ("attentive", "probe"):
+        raise ProbeError(f"finetune_init={cfg.finetune_init!r} is not one of attentive, probe.")
+    if cfg.finetune_views < 0 or cfg.finetune_train_blocks < 0 or cfg.finetune_mixup < 0:
+        raise ProbeError("finetune_views, finetune_train_blocks and finetune_mixup must be >= 0.")
+    if not 0 <= cfg.finetune_ema < 1 or not 0 < cfg.finetune_layer_decay <= 1:
+        raise ProbeError(f"finetune_ema={cfg.finetune_ema} must lie in [0, 1) and finetune_layer_decay="
+                         f"{cfg.finetune_layer_decay} in (0, 1].")
 
 
 def _labelled_sets(cfg: ProbeConfig, tok: Tokenizer) -> tuple[ImageSet, ImageSet]:
@@ -181,12 +194,16 @@ def _labelled_sets(cfg: ProbeConfig, tok: Tokenizer) -> tuple[ImageSet, ImageSet
 
 
 def _encode_task(cfg: ProbeConfig, tok: Tokenizer, train_set: ImageSet, test_set: ImageSet) -> ProbeTask:
-    flipped = None
-    if "finetune" in cfg.methods and cfg.flip:
-        mirrored = np.ascontiguousarray(train_set.images[:, :, ::-1])  # [N, H, W, C] flipped left-right
-        flipped = tok.encode(mirrored).reshape(len(train_set.images), -1).long()  # [N, h*w]
+    views = None
+    if "finetune" in cfg.methods and (cfg.flip or cfg.finetune_views):
+        from lvm.augment import augmented_views, mirrored_view
+
+        def views(idx: np.ndarray, seed: int) -> torch.Tensor:  # fine-tuning's augmentation, drawn per label subset
+            if cfg.finetune_views:
+                return augmented_views(tok, train_set.images[idx], cfg.finetune_views, flip=cfg.flip, seed=seed)
+            return mirrored_view(tok, train_set.images[idx])
     return ProbeTask(SpecialTokens(tok.vocab_size), tok.encode(train_set.images), train_set.labels,
-                     tok.encode(test_set.images), test_set.labels, flipped)
+                     tok.encode(test_set.images), test_set.labels, views)
 
 
 def _models_to_probe(cfg: ProbeConfig, model: LVM, tok: Tokenizer, ckpt: Path) -> dict[str, LVM]:
@@ -235,7 +252,8 @@ def _probe_layer(label: str, model: LVM, layer: int, task: ProbeTask, cfg: Probe
         ft_train, ft_test = (ids.reshape(len(ids), -1).long() for ids in (task.train_ids, task.test_ids))  # [N, h*w]
         with _timed(clock, f"{label}: finetune"):
             rows += head_efficiency(label, "finetune", ft_train, task.train_labels, ft_test, task.test_labels, cfg,
-                                    lvm=model, layer=layer, special=task.special, flipped=task.flipped_ids)
+                                    lvm=model, layer=layer, special=task.special, views=task.views,
+                                    hw=tuple(task.train_ids.shape[1:]))
     return rows
 
 
@@ -428,10 +446,11 @@ def label_efficiency(
 def head_efficiency(
     name: str, method: str, x_train: torch.Tensor, y_train: np.ndarray, x_test: torch.Tensor, y_test: np.ndarray,
     cfg: ProbeConfig, lvm: LVM | None = None, layer: int = 0, special: SpecialTokens | None = None,
-    flipped: torch.Tensor | None = None,
+    views: Callable[[np.ndarray, int], torch.Tensor] | None = None, hw: tuple[int, int] | None = None,
 ) -> list[dict]:
     """``label_efficiency`` for the trained heads: ``attentive`` on frozen token states ``[N, T, D]``,
-    ``finetune`` on token ids ``[N, T]`` (needs ``lvm``, ``layer``, ``special``)."""
+    ``finetune`` on token ids ``[N, T]`` (needs ``lvm``, ``layer``, ``special``; ``hw`` the token grid;
+    ``views(indices, seed)`` the augmented ids of those training rows)."""
     from lvm.attentive import HeadTrainConfig, accuracy, fine_tune, fit_attentive
 
     y_train_t, y_test_t = torch.from_numpy(y_train), torch.from_numpy(y_test)
@@ -446,8 +465,10 @@ def head_efficiency(
         if attentive:
             clf, val = fit_attentive(x_train[idx], y_train_t[idx], train_cfg)
         else:
+            train_cfg = replace(train_cfg, layer_decay=cfg.finetune_layer_decay, train_blocks=cfg.finetune_train_blocks,
+                                mixup=cfg.finetune_mixup, ema=cfg.finetune_ema)
             clf, val = fine_tune(lvm, x_train[idx], y_train_t[idx], layer, special, train_cfg,
-                                 flipped_ids=None if flipped is None else flipped[idx])
+                                 views=None if views is None else views(idx.numpy(), s), init=cfg.finetune_init, hw=hw)
         return accuracy(clf, x_test, y_test_t, cfg.precision), val
 
     return _curve(name, method, y_train, cfg.fractions, cfg.seeds, cfg.seed, int(x_train.shape[-1]), fit_score,

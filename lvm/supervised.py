@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm.auto import tqdm
 
+from lvm.augment import augment, default_pad
 from lvm.runtime import EpochSampler, mixed_precision, param_groups, pick_device, set_lr, warmup_cosine
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ def fit_supervised(
     model = SmallCNN(images.shape[1], classes, side, cfg.widths)
     model.set_normalisation(x_tr)
     model.to(device, memory_format=torch.channels_last)
-    pad = cfg.pad if cfg.pad is not None else min(4, max(2, round(side / 8)))
+    pad = cfg.pad if cfg.pad is not None else default_pad(side)
 
     sampler = EpochSampler(len(tr), cfg.batch_size, cfg.seed)
     steps = max(1, min(cfg.max_steps, cfg.epochs * sampler.per_epoch))
@@ -203,20 +204,6 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
     keep = torch.ones(len(labels), dtype=torch.bool)
     keep[val] = False
     return torch.nonzero(keep).flatten(), val
-
-
-def augment(x: torch.Tensor, flip: bool, pad: int, gen: torch.Generator) -> torch.Tensor:
-    """Random horizontal flips and translations of ``x`` [B, C, H, W]: edge-replicate ``pad`` px, crop back."""
-    b, _, h, w = x.shape
-    if flip:
-        x = torch.where((torch.rand(b, generator=gen) < 0.5).view(b, 1, 1, 1), x.flip(3), x)
-    if pad > 0:
-        padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")  # [B, C, H + 2p, W + 2p]
-        dy, dx = (torch.randint(0, 2 * pad + 1, (b,), generator=gen) for _ in range(2))
-        rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # [B, 1, H, 1]
-        cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # [B, 1, 1, W]
-        x = padded[torch.arange(b).view(b, 1, 1, 1), torch.arange(x.shape[1]).view(1, -1, 1, 1), rows, cols]
-    return x
 
 
 @torch.no_grad()
