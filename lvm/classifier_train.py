@@ -8,7 +8,6 @@ pass. No test image is read. The bundle format itself lives in ``lvm.classifier`
 """
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import asdict, dataclass
 
@@ -18,7 +17,8 @@ import torch
 from lvm.checkpoint import load_model_and_tokenizer
 from lvm.classifier import Classifier, LinearHead, head_config, truncate_lvm
 from lvm.data import SpecialTokens
-from lvm.probe import METHODS, POOLS, LinearProbe, ProbeConfig, ProbeError, extract_features, pick_layer
+from lvm.probe import (LINEAR_VAL_FRACTION, METHODS, POOLS, LinearProbe, ProbeConfig, ProbeError, extract_features,
+                       pick_layer)
 from lvm.runtime import check_precision
 from tokenizer.images import ImageSet, load_images
 
@@ -134,32 +134,16 @@ def bundle_from_probe(checkpoint: str, probe: LinearProbe, layer: int, out: str,
 
 def fit_linear(features: torch.Tensor, labels: torch.Tensor, classes: int | None = None,
                seed: int = 0) -> tuple[LinearProbe, dict]:
-    """``LinearProbe.fit(features, labels)`` step for step, also returning the validation accuracy of each L2.
-
-    ``LinearProbe.fit`` chooses L2 on a random validation split and refits on all rows, but keeps the
-    scores to itself; a bundle records them. The walk below is the one it makes (its own defaults,
-    the same row permutation, warm starts from strong to weak L2, the refit from the chosen one), so
-    the fitted head is identical; ``tests/test_classifier.py`` checks that.
-    """
-    defaults = {k: p.default for k, p in inspect.signature(LinearProbe.fit).parameters.items()}
-    l2_grid, val_fraction, max_iter = defaults["l2_grid"], defaults["val_fraction"], defaults["max_iter"]
+    """``LinearProbe.fit`` (L2 chosen on a random validation split, then a refit on all rows) and the
+    validation accuracy of each L2 it tried, which a bundle records."""
     y = torch.as_tensor(labels).long()
-    classes = max(int(y.max()) + 1, classes or 0)
-    rows = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))
-    n_val = max(int(len(rows) * val_fraction), 1)
-    if len(rows) - n_val < 2 or len(set(y.tolist())) < 2:
-        raise ProbeError(f"{len(rows)} labelled images in {len(set(y.tolist()))} classes are too few to fit and "
+    n_val = max(int(len(y) * LINEAR_VAL_FRACTION), 1)
+    if len(y) - n_val < 2 or len(set(y.tolist())) < 2:
+        raise ProbeError(f"{len(y)} labelled images in {len(set(y.tolist()))} classes are too few to fit and "
                          "validate a classifier; give at least a few images of two or more classes.")
-    val, tr = rows[:n_val], rows[n_val:]
-    scores: dict[str, float] = {}
-    best, prev = None, None
-    for lam in sorted(l2_grid, reverse=True):
-        prev = LinearProbe.fit(features[tr], y[tr], lam, max_iter=max_iter, init=prev, classes=classes)
-        scores[str(lam)] = prev.accuracy(features[val], y[val])
-        if best is None or scores[str(lam)] > scores[str(best.l2)]:
-            best = prev
-    probe = LinearProbe.fit(features, y, best.l2, max_iter=max_iter, init=best, classes=classes)
-    return probe, {"val_accuracy": scores[str(best.l2)], "val_images": n_val, "l2": best.l2, "l2_scores": scores}
+    probe = LinearProbe.fit(features, y, seed=seed, classes=classes)
+    return probe, {"val_accuracy": probe.l2_scores[str(probe.l2)], "val_images": probe.val_images, "l2": probe.l2,
+                   "l2_scores": probe.l2_scores}
 
 
 def _fit_head(cfg: ClassifierTrainConfig, model, ids: torch.Tensor, labels: np.ndarray, special: SpecialTokens,

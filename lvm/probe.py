@@ -360,6 +360,9 @@ def pick_layer(
 # Linear probe: multinomial logistic regression, L2 picked on a validation split
 # ---------------------------------------------------------------------------------------------
 
+LINEAR_VAL_FRACTION = 0.15  # share of the labelled rows held out to choose the linear probe's L2
+
+
 @dataclass
 class LinearProbe:
     """Standardise -> linear -> softmax; fitted by full-batch L-BFGS (convex, so it converges)."""
@@ -369,10 +372,12 @@ class LinearProbe:
     weight: torch.Tensor  # [C, F]
     bias: torch.Tensor  # [C]
     l2: float
+    l2_scores: dict[str, float] = field(default_factory=dict)  # validation accuracy of each L2 tried (when chosen)
+    val_images: int = 0  # rows held out to choose L2 (0: L2 was given)
 
     @classmethod
     def fit(cls, x: torch.Tensor, y: torch.Tensor, l2: float | None = None, l2_grid=(1e-4, 1e-3, 1e-2, 1e-1),
-            val_fraction: float = 0.15, seed: int = 0, max_iter: int = 200,
+            val_fraction: float = LINEAR_VAL_FRACTION, seed: int = 0, max_iter: int = 200,
             init: "LinearProbe | None" = None, classes: int | None = None,
             select_rows: int | None = None) -> "LinearProbe":
         """Fit; with ``l2=None`` pick it on a random validation split, then refit on all.
@@ -387,6 +392,7 @@ class LinearProbe:
         """
         y = torch.as_tensor(y).long()
         classes = max(int(y.max()) + 1, classes or 0)
+        scores, n_val = {}, 0
         if l2 is None:
             rows = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:select_rows]
             n_val = max(int(len(rows) * val_fraction), 1)
@@ -397,7 +403,7 @@ class LinearProbe:
                 best, best_acc, prev = None, -1.0, init
                 for lam in sorted(l2_grid, reverse=True):
                     prev = cls.fit(x[tr], y[tr], lam, max_iter=max_iter, init=prev, classes=classes)
-                    acc = prev.accuracy(x[val], y[val])
+                    acc = scores[str(lam)] = prev.accuracy(x[val], y[val])
                     if acc > best_acc:
                         best, best_acc = prev, acc
                 l2, init = best.l2, best
@@ -418,7 +424,7 @@ class LinearProbe:
             return loss
 
         opt.step(closure)
-        return cls(mean, std, weight.detach(), bias.detach(), l2)
+        return cls(mean, std, weight.detach(), bias.detach(), l2, scores, n_val if scores else 0)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return (((x - self.mean) / self.std) @ self.weight.T + self.bias).argmax(1)
