@@ -35,6 +35,7 @@ LEVERS: dict[str, tuple[dict, dict]] = {
     "ema": ({"ema": 0.98}, {}),
     "no_smoothing": ({"label_smoothing": 0.0}, {}),
     "backbone_lr_0.3": ({"backbone_lr_scale": 0.3}, {}),
+    "uniform_lr_1e-4": ({"lr": 1e-4, "backbone_lr_scale": 1.0}, {}),  # head and LVM alike, small (LP-FT's usual)
 }
 REFERENCES = ("linear", "supervised")
 

@@ -89,21 +89,27 @@ def main(argv=None) -> None:
             "feature_seconds": round(feature_s, 1),
             "command": f"python -m bench.readout_levers --checkpoint {args.checkpoint} --fractions "
                        f"{' '.join(map(str, args.fractions))} --seeds {args.seeds}"}
-    out = Path(args.out)
+    write_results(Path(args.out), meta, rows, args.fractions)
+
+
+def write_results(out: Path, meta: dict, rows: list[dict], fractions: list[float]) -> None:
+    """``out``.json (meta + rows) and ``out``.md (one line per read-out, one column per fraction)."""
+    seeds = rows[0]["seeds"] if rows else 0
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = ["# Linear-probe read-out levers (issue #14, item 3)", "",
              f"`{meta['command']}`", "",
              f"Checkpoint `{meta['checkpoint']}`; CPU: {meta['cpu']}, AMX {'yes' if meta['amx'] else 'no'}. "
-             f"Test accuracy % on the whole Fashion-MNIST test set, mean ± std over {args.seeds} class-balanced label "
+             f"Test accuracy % on the whole Fashion-MNIST test set, mean ± std over {seeds} class-balanced label "
              "subsets (the probe's L2 chosen on a split of each subset). Layer 0 is the token embedding.", "",
-             "| read-out | dim | " + " | ".join(f"{100 * f:g} % labels" for f in args.fractions) + " |",
-             "|---|---|" + "---|" * len(args.fractions)]
-    for name in readouts:
-        cells = [r for r in rows if r["readout"] == name]
-        lines.append(f"| {name} | {cells[0]['dim']} | "
-                     + " | ".join(f"{100 * r['acc_mean']:.1f} ± {100 * r['acc_std']:.1f}" for r in cells) + " |")
+             "| read-out | dim | " + " | ".join(f"{100 * f:g} % labels" for f in fractions) + " |",
+             "|---|---|" + "---|" * len(fractions)]
+    for name in dict.fromkeys(r["readout"] for r in rows):
+        cells = {r["fraction"]: r for r in rows if r["readout"] == name}
+        dim = next(iter(cells.values()))["dim"]
+        lines.append(f"| {name} | {dim} | " + " | ".join(
+            f"{100 * cells[f]['acc_mean']:.1f} ± {100 * cells[f]['acc_std']:.1f}" if f in cells else "not run"
+            for f in fractions) + " |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-
 
 if __name__ == "__main__":
     main()

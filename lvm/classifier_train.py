@@ -50,6 +50,8 @@ class ClassifierTrainConfig:
     finetune_max_steps: int = _PROBE.finetune_max_steps
     finetune_lr: float = _PROBE.finetune_lr  # the head's; the LVM's is 10x lower
     flip: bool = _PROBE.flip  # fine-tuning: horizontally flipped images as augmentation
+    finetune_views: int = _PROBE.finetune_views  # fine-tuning: augmented views per image (flips + translations)
+    finetune_init: str = _PROBE.finetune_init  # fine-tuning head: "probe" (LP-FT: a fitted linear probe) or "attentive"
     batch_size: int = _PROBE.batch_size  # feature extraction
     precision: str = _PROBE.precision  # fitting: auto (bf16 on CUDA and AMX CPUs), bf16, fp32; the bundle runs fp32
     seed: int = _PROBE.seed
@@ -64,6 +66,8 @@ class ClassifierTrainConfig:
             raise ProbeError(f"--layer {self.layer} must be >= 1, or 0 to choose it on train images.")
         if not 0 < self.test_fraction < 1:
             raise ProbeError(f"--test-fraction {self.test_fraction} must lie in (0, 1).")
+        if self.finetune_init not in ("attentive", "probe"):
+            raise ProbeError(f"--finetune-init {self.finetune_init!r} must be attentive or probe.")
         if self.on_error not in ("fail", "skip"):
             raise ProbeError(f"--on-error {self.on_error!r} must be fail or skip.")
         check_precision(self.precision)
@@ -88,10 +92,13 @@ def classifier_train(cfg: ClassifierTrainConfig) -> dict:
         raise ProbeError(f"--layer {layer} is out of range; {ckpt} has layers 1..{model.config.n_layer}.")
     classes = train_set.class_names or [str(c) for c in range(int(labels.max()) + 1)]
 
-    flipped = None
-    if cfg.method == "finetune" and cfg.flip:  # as lvm probe: the mirrored images, encoded
-        flipped = tok.encode(np.ascontiguousarray(train_set.images[:, :, ::-1])).reshape(len(ids), -1).long()
-    lvm, head, metrics = _fit_head(cfg, model, ids, labels, special, layer, len(classes), flipped)
+    views = None
+    if cfg.method == "finetune" and (cfg.flip or cfg.finetune_views):  # as lvm probe: augmented images, encoded
+        from lvm.augment import augmented_views, mirrored_view
+
+        views = (augmented_views(tok, train_set.images, cfg.finetune_views, flip=cfg.flip, seed=cfg.seed)
+                 if cfg.finetune_views else mirrored_view(tok, train_set.images))
+    lvm, head, metrics = _fit_head(cfg, model, ids, labels, special, layer, len(classes), views)
     metrics = {**metrics, "train_images": len(labels), "layer_sweep": sweep}
     info = {
         "method": cfg.method,
@@ -147,9 +154,9 @@ def fit_linear(features: torch.Tensor, labels: torch.Tensor, classes: int | None
 
 
 def _fit_head(cfg: ClassifierTrainConfig, model, ids: torch.Tensor, labels: np.ndarray, special: SpecialTokens,
-              layer: int, classes: int, flipped: torch.Tensor | None = None):
-    """``(LVM the head reads, head, validation metrics)`` for the configured method; ``flipped``: ids ``[N, T]``
-    of the mirrored images, fine-tuning's augmentation."""
+              layer: int, classes: int, views: torch.Tensor | None = None):
+    """``(LVM the head reads, head, validation metrics)`` for the configured method; ``views``: ids ``[V, N, T]``
+    of augmented images, fine-tuning's augmentation."""
     from lvm.attentive import HeadTrainConfig, fine_tune, fit_attentive
 
     y = torch.from_numpy(labels)
@@ -173,7 +180,8 @@ def _fit_head(cfg: ClassifierTrainConfig, model, ids: torch.Tensor, labels: np.n
         lvm = model
     else:
         flat = ids.reshape(len(ids), -1).long()  # [N, T]
-        tuned, val = fine_tune(model, flat, y, layer, special, train_cfg, flipped_ids=flipped)
+        tuned, val = fine_tune(model, flat, y, layer, special, train_cfg, views=views, init=cfg.finetune_init, hw=hw,
+                               grid=cfg.grid)
         lvm, head = tuned.backbone, tuned.classifier
     return lvm, head, {"val_accuracy": val, "val_images": n_val}
 

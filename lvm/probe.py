@@ -76,12 +76,12 @@ class ProbeConfig:
     head_max_steps: int = 2000
     head_batch_size: int = 128
     head_lr: float = 1e-3
-    finetune_epochs: int = 10  # fine-tuning: epochs over the labelled subset, capped at finetune_max_steps
+    finetune_epochs: int = 30  # fine-tuning: epochs over the labelled subset, capped at finetune_max_steps
     finetune_max_steps: int = 300  # ~170 images/s for `small` on 2 cores: 300 x 128 images ~ 4 minutes per fit
     finetune_lr: float = 1e-3  # the head's; the LVM's is 10x lower
     flip: bool = True  # fine-tuning: horizontally flipped images as augmentation
     finetune_views: int = 0  # fine-tuning: augmented views per image (random flips + translations); 0: the mirror only
-    finetune_init: str = "attentive"  # fine-tuning head: a fresh attentive head, or "probe" (a fitted linear probe: LP-FT)
+    finetune_init: str = "probe"  # fine-tuning head: a fitted linear probe ("probe": LP-FT) or a fresh "attentive" head
     finetune_layer_decay: float = 1.0  # fine-tuning: block i of L at lr x decay ** (L - i)
     finetune_train_blocks: int = 0  # fine-tuning: train only the top k blocks (0: all)
     finetune_mixup: float = 0.0  # fine-tuning: Beta(a, a) mixup of the head's input features (0: off)

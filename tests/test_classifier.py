@@ -211,21 +211,23 @@ def test_high_bit_depth_images_are_refused_with_the_fix():
         prepare_image(Image.new("I;16", (8, 8)), 16, 1)
 
 
-@pytest.mark.parametrize("method", ["attentive", "finetune"])
-def test_attentive_and_finetuned_bundles(method, tiny_pipeline, labelled_folder, tmp_path):
+@pytest.mark.parametrize("method, init, head_kind", [("attentive", "probe", "attentive"), ("finetune", "probe", "linear"),
+                                                      ("finetune", "attentive", "attentive")])
+def test_attentive_and_finetuned_bundles(method, init, head_kind, tiny_pipeline, labelled_folder, tmp_path):
     out = tmp_path / method
     classifier_train(ClassifierTrainConfig(checkpoint=tiny_pipeline["lvm"], source=str(labelled_folder), layer=2,
                                            method=method, head_max_steps=20, finetune_max_steps=3, head_batch_size=32,
-                                           out=str(out)))
+                                           finetune_init=init, out=str(out)))
     clf = Classifier.from_pretrained(out)
     assert clf.info["method"] == method and clf.layer == 2
-    assert json.loads((out / "head" / "head.json").read_text())["kind"] == "attentive"
+    assert json.loads((out / "head" / "head.json").read_text())["kind"] == head_kind  # LP-FT keeps a linear head
     _, probs = clf.predict(_files(labelled_folder, 4))
     assert probs.shape == (4, 3) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
-    assert clf.embed(_files(labelled_folder, 2)).shape == (2, 64)
+    assert clf.embed(_files(labelled_folder, 2)).shape == (2, 64 if head_kind == "attentive" else 64 * 9)
     model, _, _ = load_model_and_tokenizer(tiny_pipeline["lvm"])
     same = torch.equal(clf.lvm.blocks[0].mlp.w_up.weight, model.blocks[0].mlp.w_up.weight)
-    assert same == (method == "attentive")  # fine-tuning trains the LVM too
+    if init == "attentive" or method == "attentive":  # LP-FT may keep its start (the probe) if no step beats it
+        assert same == (method == "attentive")  # fine-tuning trains the LVM too
 
 
 def test_cli_trains_a_bundle_at_a_given_layer(tiny_pipeline, labelled_folder, tmp_path):
