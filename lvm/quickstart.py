@@ -9,7 +9,11 @@ its own warmup (``lvm.runtime.StepBudget``), so the run is sized for the machine
 not. The report states the budget, each stage's share and time, and the steps actually run;
 re-running with ``--tokenizer-steps`` / ``--lvm-steps`` set to those counts reproduces the models.
 The probe stage's linear probe at 100 % labels is written as a classifier bundle (``classifier/``,
-nothing refitted) that ``lvm predict`` / ``lvm export`` / ``lvm serve`` take as it is.
+nothing refitted) that ``lvm predict`` / ``lvm export`` / ``lvm serve`` take as it is. Beside the
+LVM the probes show what a user would do without it: raw pixels, and (``--supervised auto``: where
+a few timed training steps predict that it fits the probe stage's share) a small CNN trained from
+scratch on the same label subsets (``lvm.supervised``); what the budget left out, the report says,
+with the command that runs it.
 
 Finished stages are skipped on a re-run (tokenizer, probes) or resume from their last checkpoint
 (tokenize, pretrain); generation is cheap and always re-run. ``--fast`` is a smoke run of about a
@@ -42,6 +46,8 @@ PIXEL_FIT_PASSES = 500
 ESTIMATE_MARGIN = 1.05  # fixed stages are predicted, not fitted: err a little on the long side
 RANDOM_INIT_MAX_SHARE = 1 / 3  # the random-init baseline runs only if the whole probe stage fits in this share
 PROBE_MAX_SHARE = 1 / 2  # beyond this, the probes fit on an even subsample of the labelled training images
+# (--supervised auto: the supervised CNN runs only if the probe stage including it fits this share too)
+SUPERVISED_MODES = ("auto", "on", "off")
 MIN_PROBE_IMAGES = 1000
 SLACK_S = 45.0  # generation, plots, classifier bundle, report, process start
 FAST_TEST_IMAGES = 1000  # --fast: test images tokenized and probed
@@ -75,6 +81,7 @@ class QuickstartConfig:
     probe_pool: str = "grid"
     probe_grid: int = 3
     probe_seeds: int = 3  # label subsets per fraction < 100 % (1 % labels is noisy: ±0.5 point per subset)
+    supervised: str = "auto"  # small CNN from scratch on the same labels: auto (if the probes fit half the budget with it), on, off
     seed: int = 0
 
 
@@ -86,6 +93,7 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     from lvm.train import TrainConfig, train
     from tokenizer.shards import TokenizeConfig, read_token_shards, run_tokenize
 
+    check_config(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "quickstart_config.json", asdict(cfg))
@@ -165,8 +173,8 @@ def quickstart(cfg: QuickstartConfig) -> dict:
             limit_train=3000 if fast else budget.measured.get("probe_train_images", 0),
             limit_test=FAST_TEST_IMAGES if fast else 0,
             out=str(probe_dir), seed=cfg.seed,
-            precision=cfg.precision, random_init=budget.measured.get("random_init", True), on_error=cfg.on_error,
-            **sides,
+            precision=cfg.precision, random_init=budget.measured.get("random_init", True),
+            supervised=run_supervised(cfg, budget), on_error=cfg.on_error, **sides,
         ))
         if probed["linear_probe"] is not None:
             write_classifier(bundle_dir, cfg, probed, split)
@@ -197,6 +205,23 @@ def tokenizer_batch(image_shape: list[int]) -> int:
 def context_for(sentence: int, context_len: int) -> int:
     """Whole sentences per training row: at most ``context_len`` tokens, at least one sentence."""
     return max(1, context_len // sentence) * sentence
+
+
+def check_config(cfg: QuickstartConfig) -> None:
+    """Flags whose mistakes would otherwise surface only at a late stage."""
+    if cfg.supervised not in SUPERVISED_MODES:
+        from lvm.runtime import ConfigError
+
+        raise ConfigError(f"--supervised {cfg.supervised!r} is not one of {', '.join(SUPERVISED_MODES)}.")
+
+
+def run_supervised(cfg: QuickstartConfig, budget: "Budget") -> bool:
+    """Whether the probe stage trains the supervised CNN: ``on`` / ``off`` as asked; ``auto`` as the plan
+    decided, and always without a budget (``--fast``: its steps are capped like fine-tuning's, 30). A plan
+    made before the decision existed (a resumed run) did not count its cost, so ``auto`` leaves it out there."""
+    if cfg.supervised != "auto":
+        return cfg.supervised == "on"
+    return bool(budget.measured.get("supervised", not budget.measured))
 
 
 def use_compile(cfg: QuickstartConfig) -> bool:
@@ -239,7 +264,8 @@ class Budget:
             measured = measure_speeds(cfg.precision, RunShape.of(split, cfg.grid)) if total > 0 else {}
             stages = {name: {} for name in ("split", "tokenizer", "tokenize", "pretrain", "generate", "probe")}
             if measured:
-                probe_s = plan_probes(measured, RunShape.of(split, cfg.grid), total)
+                probe_s = plan_probes(measured, RunShape.of(split, cfg.grid), total, cfg.supervised,
+                                      cfg.probe_fractions, cfg.probe_seeds)
                 stages["tokenize"]["estimate_s"] = round(measured["tokenize_s"], 1)
                 stages["probe"]["estimate_s"] = round(probe_s, 1)
             budget = cls(path, total, stages, measured)
@@ -280,24 +306,73 @@ class Budget:
         write_json_atomic(self.path, {"total_s": self.total_s, "stages": self.stages, "measured": self.measured})
 
 
-def plan_probes(measured: dict, shape: "RunShape", total: float) -> float:
+def plan_probes(measured: dict, shape: "RunShape", total: float, supervised: str = "auto",
+                fractions: list[float] | None = None, seeds: int = 3) -> float:
     """Decide what the probe stage runs inside the budget and return its predicted seconds.
 
-    The random-init baseline doubles the model probes: kept where the whole stage fits in a third
-    of the budget. Where even the LVM's probes would pass half the budget (many labelled images on
-    a slow CPU), they fit on an even subsample of the labelled training images, recorded as
-    ``probe_train_images`` and stated in the report; the test set is always used whole.
+    The LVM's probes and the raw-pixel baseline always run. Where they would pass half the budget
+    (many labelled images on a slow CPU) they fit on an even subsample of the labelled training
+    images, recorded as ``probe_train_images`` and stated in the report; the test set is always
+    used whole. The supervised CNN (``supervised``: auto) is kept where the stage including it
+    still fits half the budget, recorded as ``supervised`` with its predicted cost
+    ``supervised_estimate_s`` (``on`` keeps it, and a subsample then leaves room for it). The
+    random-init baseline doubles the model probes: kept where the whole stage, supervised CNN
+    included, fits in a third of the budget. Measured speeds from before the supervised CNN was
+    timed plan without it.
     """
-    both = 2 * measured["probe_s_per_model"] + measured["probe_pixels_s"]
-    measured["random_init"] = both <= RANDOM_INIT_MAX_SHARE * total
-    probe_s = both if measured["random_init"] else both - measured["probe_s_per_model"]
-    if probe_s <= PROBE_MAX_SHARE * total or "per_train_image_s" not in measured:
-        return probe_s
-    # without random init the stage is fixed + per-image cost x training images (sweep capped at 5000 images)
-    per_image, fixed = measured["per_train_image_s"], measured["probe_fixed_s"]
-    fit = int((PROBE_MAX_SHARE * total - fixed) / per_image)
-    measured["probe_train_images"] = max(min(fit, shape.train), min(MIN_PROBE_IMAGES, shape.train))
-    return fixed + per_image * measured["probe_train_images"]
+    fractions = [0.01, 0.1, 0.3, 1.0] if fractions is None else fractions
+    timed = "supervised_step_s" in measured and supervised != "off"
+    cnn_s = lambda train: supervised_seconds(measured, shape, train, fractions, seeds) if timed else 0.0  # noqa: E731
+    half = PROBE_MAX_SHARE * total
+    probe_s = measured["probe_s_per_model"] + measured["probe_pixels_s"]
+    forced = supervised == "on"
+    train = shape.train
+    if probe_s + (cnn_s(train) if forced else 0.0) > half and "per_train_image_s" in measured:
+        # the stage is then fixed + per-image cost x training images (sweep capped at 5000 images)
+        per_image, fixed = measured["per_train_image_s"], measured["probe_fixed_s"]
+        fit = int((half - fixed) / per_image)
+        if forced:  # room for the CNN's fits, whose cost also falls with the subsample: the largest that fits
+            low, high = 0, min(fit, shape.train)
+            while low < high:
+                mid = (low + high + 1) // 2
+                low, high = (mid, high) if fixed + per_image * mid + cnn_s(mid) <= half else (low, mid - 1)
+            fit = low
+        train = measured["probe_train_images"] = max(min(fit, shape.train), min(MIN_PROBE_IMAGES, shape.train))
+        probe_s = fixed + per_image * train
+    if supervised == "off":
+        measured["supervised"] = False
+    elif timed:
+        measured["supervised_estimate_s"] = round(cnn_s(train), 1)
+        measured["supervised"] = supervised == "on" or probe_s + measured["supervised_estimate_s"] <= half
+        probe_s += measured["supervised_estimate_s"] if measured["supervised"] else 0.0
+    with_random = probe_s + measured["probe_s_per_model"]
+    measured["random_init"] = "probe_train_images" not in measured and with_random <= RANDOM_INIT_MAX_SHARE * total
+    return with_random if measured["random_init"] else probe_s
+
+
+def supervised_seconds(measured: dict, shape: "RunShape", train: int, fractions: list[float], seeds: int) -> float:
+    """Predicted seconds of the supervised CNN's fits (``lvm.supervised.supervised_efficiency``) on ``train``
+    labelled images: per fraction, ``seeds`` fits (one at 100 %), each as many steps as ``fit_supervised``
+    runs (epochs over the subset's training part, capped at the fine-tuning step budget; early stopping
+    only shortens it), its validation passes and a pass over the test images, at the speeds
+    ``measure_speeds`` timed (``supervised_step_s`` for a batch, ``supervised_eval_images_per_s``)."""
+    from lvm.probe import ProbeConfig
+    from lvm.supervised import SupervisedConfig
+
+    probe, sup = ProbeConfig(), SupervisedConfig()
+    step_s, eval_ips = measured["supervised_step_s"], measured["supervised_eval_images_per_s"]
+    classes = max(1, shape.classes)
+    per_class = train / classes
+    seconds = 0.0
+    for fraction in fractions:
+        labelled = max(1, round(per_class * fraction))  # per class, as lvm.probe._subset draws it
+        held = min(max(1, round(labelled * sup.val_fraction)), labelled - 1)  # as stratified_split holds out
+        n_train, n_val = classes * (labelled - held), classes * held
+        batch = min(probe.head_batch_size, n_train)
+        steps = max(1, min(probe.finetune_max_steps, probe.finetune_epochs * (n_train // batch)))
+        fit_s = steps * step_s * batch / probe.head_batch_size + (sup.evals * n_val + shape.test) / eval_ips
+        seconds += fit_s * (seeds if fraction < 1 else 1)
+    return ESTIMATE_MARGIN * seconds
 
 
 @dataclass
@@ -309,20 +384,22 @@ class RunShape:
     train: int = 60_000  # labelled training images
     test: int = 10_000
     unlabeled: int = 0
+    classes: int = 10
 
     @classmethod
     def of(cls, split: dict | None, grid: int = 0) -> "RunShape":
         if not split:
             return cls(grid=grid)
         return cls(tuple(split["image_shape"]), grid, sum(split["train"].values()), sum(split["test"].values()),
-                   sum(split.get("unlabeled", {}).values()))
+                   sum(split.get("unlabeled", {}).values()), max(1, len(split["train"])))
 
 
 def measure_speeds(precision: str = "auto", shape: RunShape | None = None) -> dict:
     """A few seconds of timing that predict the fixed stages on this machine: the small LVM's
     forward (feature extraction), the tokenizer's encoder (tokenizing), and the matmul shape of
-    the linear-probe fits, scaled to the run's image counts, size and grid. Returns rates and the
-    predicted seconds of the tokenize and probe stages."""
+    the linear-probe fits, scaled to the run's image counts, size and grid; and a few training steps of
+    the supervised CNN baseline at the run's image shape and batch (``plan_probes`` turns them into the
+    cost of its fits). Returns rates and the predicted seconds of the tokenize and probe stages."""
     import torch
 
     from lvm.config import LVMConfig
@@ -347,6 +424,7 @@ def measure_speeds(precision: str = "auto", shape: RunShape | None = None) -> di
     x, w = torch.randn(15_000, 2304, generator=gen), torch.randn(2304, 10, generator=gen)
     pass_s = 4 * _best_time(lambda: (x @ w).T @ x, repeats=2)  # forward + weight gradient, scaled to 60k rows
     forward_ips, encode_ips = 256 / forward_s, len(images) / encode_s
+    cnn_step_s, cnn_eval_ips = time_supervised_cnn(shape, precision)
     # Per labelled training image: its features (x1.09: the measured rate overstates a full run's) and its
     # share of the L-BFGS fits, calibrated at Fashion-MNIST's 60k rows; raw pixels are pooled to <= 2352 values.
     feature_s = FEATURE_IMAGES_PER_MODEL / 75_000 / forward_ips
@@ -360,7 +438,46 @@ def measure_speeds(precision: str = "auto", shape: RunShape | None = None) -> di
             "probe_s_per_model": per_model, "probe_pixels_s": ESTIMATE_MARGIN * pixel_s * shape.train,
             "per_train_image_s": ESTIMATE_MARGIN * (feature_s + fit_s + pixel_s),
             "probe_fixed_s": ESTIMATE_MARGIN * feature_s * (5000 + shape.test),
+            "supervised_step_s": round(cnn_step_s, 4), "supervised_eval_images_per_s": round(cnn_eval_ips, 1),
             "torch_threads": torch.get_num_threads()}
+
+
+def time_supervised_cnn(shape: "RunShape", precision: str = "auto") -> tuple[float, float]:
+    """(seconds per training step, test images per second) of ``lvm.supervised``'s ``SmallCNN`` at the run's
+    image shape and the probes' batch: a real step as ``fit_supervised`` takes it (augmentation, autocast,
+    forward, backward, AdamW) on random uint8 images, and its batched evaluation: 2-3 s at 28 px on one core."""
+    import torch
+    import torch.nn.functional as F
+
+    from lvm.augment import augment, default_pad
+    from lvm.probe import ProbeConfig
+    from lvm.runtime import mixed_precision, param_groups
+    from lvm.supervised import SmallCNN, SupervisedConfig, evaluate
+
+    h, w, c = shape.image_shape
+    classes, batch, cfg = max(2, shape.classes), ProbeConfig().head_batch_size, SupervisedConfig()
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (512, c, h, w), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, classes, (512,), generator=gen)
+    torch.manual_seed(0)
+    model = SmallCNN(c, classes, max(h, w), cfg.widths)
+    model.set_normalisation(images)
+    model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr))
+    autocast, pad = mixed_precision(torch.device("cpu"), precision), default_pad(max(h, w))
+
+    def step() -> None:
+        x = augment(images[:batch].float() / 255, cfg.flip, pad, gen)
+        with autocast:
+            loss = F.cross_entropy(model(x).float(), labels[:batch], label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    model.train()
+    step_s = _best_time(step)
+    eval_s = _best_time(lambda: evaluate(model, images, labels, precision), repeats=2)
+    return step_s, len(images) / eval_s
 
 
 def _best_time(fn, repeats: int = 3) -> float:
@@ -422,8 +539,7 @@ def write_report(out: Path, cfg: QuickstartConfig, tok_eval: dict, train_summary
         "Probes on the best layer (chosen on training images): `linear` is logistic regression on grid-pooled "
         "token states, `attentive` an attention-pooling head on the frozen token states, `finetune` the LVM "
         "trained with that head. Baselines: raw pixels and (unless left out, see above) the same architecture at "
-        "random init. Fractions "
-        "below 100 % are means ± std over label subsets.",
+        "random init." + supervised_text(probe) + " Fractions below 100 % are means ± std over label subsets.",
         "",
         probe_md,
         "![label efficiency](probe/label_efficiency.png)",
@@ -638,12 +754,73 @@ def budget_lines(budget: Budget, cfg: QuickstartConfig) -> list[str]:
     steps = {k: v.get("steps") for k, v in budget.stages.items()}
     again = (f"`lvm quickstart --tokenizer-steps {steps['tokenizer']} --lvm-steps {steps['pretrain']}` "
              "trains the same models again." if steps.get("tokenizer") and steps.get("pretrain") else "")
+    random_left_out = budget.measured.get("random_init") is False
     skipped = ("The random-init baseline was left out to keep the probes within the budget on this CPU; "
-               f"`lvm probe --checkpoint {cfg.out}/lvm` runs it." if budget.measured.get("random_init") is False else "")
+               f"`{probe_command(cfg, budget)}` runs it." if random_left_out else "")
+    if cfg.supervised == "off" or (cfg.supervised == "auto" and budget.measured.get("supervised") is False):
+        why = ("was turned off (`--supervised off`)" if cfg.supervised == "off" else
+               f"was left out to keep the probes within the budget on this CPU (its fits were predicted at "
+               f"{budget.measured.get('supervised_estimate_s', float('nan')):.0f} s)")
+        skipped += (f" The supervised CNN baseline (what a user would do without the LVM: a small CNN trained from "
+                    f"scratch on the same label subsets) {why}; `{probe_command(cfg, budget, '--supervised')}` "
+                    "runs it" + ("." if random_left_out else " (`--no-random-init`: that baseline ran here)."))
     subsample = budget.measured.get("probe_train_images")
     if subsample:
         skipped += (f" The probes fit on {subsample:,} labelled training images spread evenly over the training "
                     "side (all of them would not fit half the budget on this CPU), so '100 %' below means those; "
                     "the test set is whole. `lvm probe` without `--limit-train` uses them all.")
-    return [head, "", *rows, "", again, skipped, ""]
+    return [head, "", *rows, "", again, skipped.strip(), ""]
+
+
+def probe_command(cfg: QuickstartConfig, budget: Budget, *flags: str) -> str:
+    """The ``lvm probe`` command that probes this run's LVM on the same data, labels and settings as its probe
+    stage, plus ``flags`` (``--supervised``: with the supervised CNN, and then without the random-init
+    baseline where that ran here), into ``RUN/probe-baselines``."""
+    import shlex
+
+    from lvm.probe import ProbeConfig
+
+    default, q = ProbeConfig(), lambda v: shlex.quote(str(v))  # noqa: E731
+    run = Path(cfg.out)
+    parts = ["lvm probe", "--checkpoint", q(run / "lvm")]
+    if cfg.source != default.source:
+        parts += ["--source", q(cfg.source)]
+    if cfg.test_source:
+        parts += ["--test-source", q(cfg.test_source)]
+    elif cfg.test_fraction != default.test_fraction:
+        parts += ["--test-fraction", f"{cfg.test_fraction:g}"]
+    if cfg.on_error != default.on_error:
+        parts += ["--on-error", cfg.on_error]
+    if cfg.probe_fractions != default.fractions:
+        parts += ["--fractions", *(f"{f:g}" for f in cfg.probe_fractions)]
+    if cfg.probe_seeds != default.seeds:
+        parts += ["--seeds", str(cfg.probe_seeds)]
+    if cfg.probe_pool != default.pool or cfg.probe_grid != default.grid:
+        parts += ["--pool", cfg.probe_pool, "--grid", str(cfg.probe_grid)]
+    if cfg.probe_methods != default.methods:
+        parts += ["--methods", *cfg.probe_methods]
+    if cfg.precision != default.precision:
+        parts += ["--precision", cfg.precision]
+    if budget.measured.get("probe_train_images"):
+        parts += ["--limit-train", str(budget.measured["probe_train_images"])]
+    parts += list(flags)
+    if "--supervised" in flags and budget.measured.get("random_init") is not False:
+        parts.append("--no-random-init")
+    return " ".join(parts + ["--out", q(run / "probe-baselines")])
+
+
+def supervised_text(probe: dict) -> str:
+    """Section 4's words on the supervised CNN row, from the settings its fits ran with; empty when it did not run."""
+    from lvm.supervised import NAME
+
+    if not any(row["features"] == NAME for row in probe["rows"]):
+        return ""
+    pc = probe.get("config", {})
+    augmentation = ("its horizontal flips plus small random translations as augmentation" if pc.get("flip", True)
+                    else "small random translations as augmentation")
+    return (f" `{NAME}` is what a user would do without the LVM: a small CNN (~0.28 M parameters, `lvm.supervised`) "
+            "trained from scratch on the raw pixels of the same label subsets as the probes, with the fine-tuning "
+            f"probe's step budget (at most {pc.get('finetune_epochs', '?')} epochs, capped at "
+            f"{pc.get('finetune_max_steps', '?')} steps of {pc.get('head_batch_size', '?')} images) and "
+            f"{augmentation}; it keeps its best pass on a validation split of the subset's own labels.")
 

@@ -16,6 +16,12 @@ def test_quickstart_fast_end_to_end_and_resume(tiny_pipeline, tmp_path):
         assert (out / name).exists(), name
     report = (out / "report.md").read_text()
     assert "raw pixels" in report and "![completions](generate/grid.png)" in report
+    rows = json.loads((out / "probe" / "probe.json").read_text())["rows"]
+    cnn = {r["fraction"]: r for r in rows if r["features"] == "supervised CNN"}  # --supervised auto: on in --fast
+    assert sorted(cnn) == [0.5, 1.0] and cnn[0.5]["runs"] == 3 and cnn[1.0]["runs"] == 1
+    assert "| supervised CNN |" in (out / "probe" / "probe.md").read_text()
+    assert "`supervised CNN` is what a user would do without the LVM" in report
+    assert "capped at 30 steps of 128 images" in report and "supervised CNN baseline" not in report  # not left out
     assert summary["eval_loss"] < summary["unigram_entropy"] + 1.0
     _check_classifier(out, tiny_pipeline["npz"], report)
     stamp = (out / "probe" / "probe.json").stat().st_mtime_ns
@@ -80,11 +86,95 @@ def test_budget_shares_follow_the_measured_fixed_stages(tmp_path, monkeypatch):
 
 
 def test_measured_speeds_predict_positive_stage_times():
-    from lvm.quickstart import measure_speeds
+    from lvm.quickstart import RunShape, measure_speeds, supervised_seconds
 
     m = measure_speeds("fp32")
     assert m["forward_images_per_s"] > 0 and m["encode_images_per_s"] > 0
     assert 0 < m["tokenize_s"] < 3600 and 0 < m["probe_s_per_model"] < 36_000 and m["probe_pixels_s"] > 0
+    assert 0 < m["supervised_step_s"] < 30 and m["supervised_eval_images_per_s"] > 0
+    assert 0 < supervised_seconds(m, RunShape(), 60_000, [0.01, 0.1, 0.3, 1.0], 3) < 36_000
+
+
+# Speeds that put the supervised CNN's fits on Fashion-MNIST's shape at a known cost: 0.1 s a step, 1000 images/s.
+CNN = {"supervised_step_s": 0.1, "supervised_eval_images_per_s": 1000.0}
+
+
+def test_supervised_cost_counts_the_steps_and_passes_fit_supervised_runs():
+    import lvm.quickstart as qs
+    from lvm.probe import ProbeConfig
+
+    shape = qs.RunShape(train=60_000, test=10_000, classes=10)
+    probe = ProbeConfig()  # the fine-tuning budget the CNN's fits get: epochs capped at a step count
+    assert probe.finetune_epochs * 4 < probe.finetune_max_steps <= probe.finetune_epochs * 42
+    # 1 %: 60 a class, 6 held out -> 540 rows, 4 batches an epoch x the epochs; 10 passes over 60 validation
+    # images and one over 10,000 test images; 3 subsets. 100 %: 54,000 rows, the step cap, one fit.
+    one = probe.finetune_epochs * 4 * 0.1 + (10 * 60 + 10_000) / 1000
+    full = probe.finetune_max_steps * 0.1 + (10 * 6000 + 10_000) / 1000
+    predicted = qs.supervised_seconds(CNN, shape, 60_000, [0.01, 1.0], 3)
+    assert predicted == pytest.approx(qs.ESTIMATE_MARGIN * (3 * one + full))
+    assert qs.supervised_seconds(CNN, shape, 6000, [1.0], 3) == pytest.approx(  # a subsample: 5400 rows, the cap
+        qs.ESTIMATE_MARGIN * (probe.finetune_max_steps * 0.1 + (10 * 600 + 10_000) / 1000))
+
+
+def test_supervised_baseline_runs_when_the_probe_stage_with_it_fits_half_the_budget(tmp_path, monkeypatch):
+    import lvm.quickstart as qs
+
+    shape = qs.RunShape(train=60_000, test=10_000)
+    probes = {"probe_s_per_model": 300.0, "probe_pixels_s": 50.0, "per_train_image_s": 0.005, "probe_fixed_s": 50.0}
+    cnn_s = qs.supervised_seconds(CNN, shape, 60_000, [0.01, 0.1, 0.3, 1.0], 3)
+    assert 300 < cnn_s < 550  # 350 s of probes + the CNN fit in 900 s, not in 600 s
+
+    measured = {**probes, **CNN}  # 30 minutes: kept; with it the random-init model would pass a third
+    assert qs.plan_probes(measured, shape, 1800) == pytest.approx(350 + cnn_s, abs=0.1)
+    assert measured["supervised"] and measured["supervised_estimate_s"] == pytest.approx(cnn_s, abs=0.1)
+    assert not measured["random_init"] and "probe_train_images" not in measured
+
+    measured = {**probes, **CNN}  # 20 minutes: left out, the LVM's probes keep every label
+    assert qs.plan_probes(measured, shape, 1200) == 350.0
+    assert measured["supervised"] is False and "probe_train_images" not in measured
+    budget = qs.Budget(None, 1200, {"probe": {}}, measured)
+    lines = "\n".join(qs.budget_lines(budget, qs.QuickstartConfig()))
+    assert "supervised CNN baseline" in lines and f"predicted at {cnn_s:.0f} s" in lines
+    command = "lvm probe --checkpoint runs/quickstart/lvm --supervised --out runs/quickstart/probe-baselines"
+    assert f"`{command}` runs it." in lines  # the random-init model was left out too: the command runs both
+    assert not qs.run_supervised(qs.QuickstartConfig(), budget)
+    assert qs.run_supervised(qs.QuickstartConfig(supervised="on"), budget)
+
+    cheap = {"probe_s_per_model": 100.0, "probe_pixels_s": 20.0, **CNN, "supervised_step_s": 1.0}
+    assert qs.plan_probes(cheap, shape, 1800) == 220.0  # CNN ~2500 s: out; random init fits a third: in
+    assert cheap["random_init"] and not cheap["supervised"]
+    cfg = qs.QuickstartConfig(out="runs/mine", source="my images/", probe_fractions=[0.1, 1.0])
+    lines = "\n".join(qs.budget_lines(qs.Budget(None, 1800, {"probe": {}}, cheap), cfg))
+    assert ("`lvm probe --checkpoint runs/mine/lvm --source 'my images/' --fractions 0.1 1 --supervised "
+            "--no-random-init --out runs/mine/probe-baselines` runs it") in lines
+    assert "random-init baseline was left out" not in lines
+
+    off = {**probes, **CNN}
+    assert qs.plan_probes(off, shape, 1800, "off") == 350.0 and off["supervised"] is False
+    assert "turned off (`--supervised off`)" in "\n".join(
+        qs.budget_lines(qs.Budget(None, 1800, {"probe": {}}, off), qs.QuickstartConfig(supervised="off")))
+
+    slow = {"probe_s_per_model": 3000.0, "probe_pixels_s": 500.0, "per_train_image_s": 0.05, "probe_fixed_s": 300.0,
+            **CNN}
+    auto = dict(slow)  # the LVM's probes need a subsample to fit half the budget: no room for the CNN
+    assert qs.plan_probes(auto, shape, 1800) <= 900 and auto["probe_train_images"] == 12_000
+    assert auto["supervised"] is False
+    forced = dict(slow)  # --supervised on: the subsample shrinks to make room for it, and no more
+    probe_s = qs.plan_probes(forced, shape, 1800, "on")
+    assert forced["supervised"] and 1000 < forced["probe_train_images"] < 12_000 and 899 < probe_s <= 900
+    assert probe_s == pytest.approx(300 + 0.05 * forced["probe_train_images"] + forced["supervised_estimate_s"], abs=0.1)
+    assert "--limit-train" in qs.probe_command(qs.QuickstartConfig(), qs.Budget(None, 1800, {}, forced), "--supervised")
+
+    # the quickstart's plan passes --supervised and the probe settings through, and keeps the decision on a resume
+    monkeypatch.setattr(qs, "measure_speeds", lambda precision, shape=None: {"tokenize_s": 60.0, **probes, **CNN})
+    planned = qs.Budget.load_or_plan(tmp_path, QuickstartConfig(out=str(tmp_path), time_budget=20))
+    assert planned.measured["supervised"] is False and planned.stages["probe"]["estimate_s"] == 350.0
+    assert qs.run_supervised(QuickstartConfig(), qs.Budget.load_or_plan(tmp_path, QuickstartConfig())) is False
+    few = qs.Budget.load_or_plan(tmp_path / "few", QuickstartConfig(time_budget=20, probe_fractions=[1.0]))
+    assert few.measured["supervised"] and qs.run_supervised(QuickstartConfig(), few)
+    assert qs.run_supervised(QuickstartConfig(), qs.Budget(None, 0, {}, {}))  # no budget (--fast): runs
+    with pytest.raises(ValueError, match="--supervised 'yes' is not one of auto, on, off"):
+        quickstart(QuickstartConfig(out=str(tmp_path / "bad"), supervised="yes"))
 
 
 def test_compile_only_where_it_pays(monkeypatch):
