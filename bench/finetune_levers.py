@@ -62,7 +62,7 @@ def main(argv=None) -> None:
         write_report(Path(args.out))
         return
     from lvm.attentive import HeadTrainConfig, accuracy, fine_tune
-    from lvm.augment import augmented_views, mirrored_view
+    from lvm.augment import token_views
     from lvm.checkpoint import load_model_and_tokenizer
     from lvm.data import SpecialTokens
     from lvm.probe import LinearProbe, _subset, extract_features
@@ -109,8 +109,7 @@ def main(argv=None) -> None:
                     ft_over.update(LEVERS[part][1])
             cfg = replace(base if parts == ["base"] else long, **cfg_over)
             n_views = ft_over.pop("views", 0)
-            views = (augmented_views(tok, train.images[idx], n_views, seed=0) if n_views
-                     else mirrored_view(tok, train.images[idx]))
+            views = token_views(tok, train.images[idx], n_views, seed=0)
             clf, val = fine_tune(model, ids.reshape(len(ids), -1), y, layer, special, cfg, views=views, hw=hw,
                                  **ft_over)
             row.update(test_acc=accuracy(clf, test_flat, y_test), val_acc=val, config=cfg.__dict__ | ft_over,

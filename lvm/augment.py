@@ -58,3 +58,12 @@ def mirrored_view(tok: "Tokenizer", images: np.ndarray) -> torch.Tensor:
     """Token ids ``[1, N, h*w]`` of every image mirrored left-right."""
     mirrored = np.ascontiguousarray(images[:, :, ::-1])
     return tok.encode(mirrored).reshape(len(images), -1).long()[None]
+
+
+def token_views(tok: "Tokenizer", images: np.ndarray, views: int = 0, flip: bool = True, seed: int = 0
+                ) -> torch.Tensor | None:
+    """Fine-tuning's extra views of ``images`` as token ids ``[V, N, h*w]``: ``views`` random flips and
+    translations when ``views > 0``, else the mirror image alone when ``flip``, else None (no augmentation)."""
+    if views:
+        return augmented_views(tok, images, views, flip=flip, seed=seed)
+    return mirrored_view(tok, images) if flip else None

@@ -93,11 +93,10 @@ def classifier_train(cfg: ClassifierTrainConfig) -> dict:
     classes = train_set.class_names or [str(c) for c in range(int(labels.max()) + 1)]
 
     views = None
-    if cfg.method == "finetune" and (cfg.flip or cfg.finetune_views):  # as lvm probe: augmented images, encoded
-        from lvm.augment import augmented_views, mirrored_view
+    if cfg.method == "finetune":  # as lvm probe: augmented images, encoded
+        from lvm.augment import token_views
 
-        views = (augmented_views(tok, train_set.images, cfg.finetune_views, flip=cfg.flip, seed=cfg.seed)
-                 if cfg.finetune_views else mirrored_view(tok, train_set.images))
+        views = token_views(tok, train_set.images, cfg.finetune_views, flip=cfg.flip, seed=cfg.seed)
     lvm, head, metrics = _fit_head(cfg, model, ids, labels, special, layer, len(classes), views)
     metrics = {**metrics, "train_images": len(labels), "layer_sweep": sweep}
     info = {

@@ -196,12 +196,10 @@ def _labelled_sets(cfg: ProbeConfig, tok: Tokenizer) -> tuple[ImageSet, ImageSet
 def _encode_task(cfg: ProbeConfig, tok: Tokenizer, train_set: ImageSet, test_set: ImageSet) -> ProbeTask:
     views = None
     if "finetune" in cfg.methods and (cfg.flip or cfg.finetune_views):
-        from lvm.augment import augmented_views, mirrored_view
+        from lvm.augment import token_views
 
         def views(idx: np.ndarray, seed: int) -> torch.Tensor:  # fine-tuning's augmentation, drawn per label subset
-            if cfg.finetune_views:
-                return augmented_views(tok, train_set.images[idx], cfg.finetune_views, flip=cfg.flip, seed=seed)
-            return mirrored_view(tok, train_set.images[idx])
+            return token_views(tok, train_set.images[idx], cfg.finetune_views, flip=cfg.flip, seed=seed)
     return ProbeTask(SpecialTokens(tok.vocab_size), tok.encode(train_set.images), train_set.labels,
                      tok.encode(test_set.images), test_set.labels, views)
 

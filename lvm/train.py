@@ -56,6 +56,9 @@ class TrainConfig:
     eval_fraction: float = 0.02
     out: str = "runs/lvm"  # checkpoints, metrics.jsonl, train_config.json
     preset: str = "small"  # model size: tiny, small, base, 300m, 1b
+    n_layer: int = 0  # 0 -> the preset's; set to try other shapes (e.g. wider and shallower) at equal cost
+    n_head: int = 0  # 0 -> the preset's
+    d_model: int = 0  # 0 -> the preset's
     context_len: int = 0  # tokens per training row; 0 -> the preset's max_seq_len
     dropout: float = 0.0
     steps: int = 2000  # optimizer steps
@@ -210,7 +213,8 @@ def _setup(cfg: TrainConfig) -> _Run:
         model = LVM.from_pretrained(folder, map_location=device)
         start, spent, planned = int(state["step"]), float(state.get("elapsed_s", 0.0)), state.get("planned_steps")
     else:
-        overrides = {"dropout": cfg.dropout, **({"max_seq_len": cfg.context_len} if cfg.context_len else {})}
+        overrides = {"dropout": cfg.dropout, **({"max_seq_len": cfg.context_len} if cfg.context_len else {}),
+                     **{k: v for k in ("n_layer", "n_head", "d_model") if (v := getattr(cfg, k))}}
         model = LVM(LVMConfig.preset(cfg.preset, vocab_size=train_set.special.vocab_size, **overrides)).to(device)
         start, spent, planned = 0, 0.0, None
     if world > 1 and cfg.fsdp:  # FSDP2: each block is one all-gather unit; the root holds embeddings, norm, head

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from lvm.attentive import (AttentiveClassifier, HeadTrainConfig, accuracy, backbone_lr_scales, fine_tune,
                            fit_attentive, split_rows, train_classifier)
-from lvm.augment import augmented_views, mirrored_view
+from lvm.augment import augmented_views, mirrored_view, token_views
 from lvm.data import SpecialTokens
 from lvm.probe import LinearProbe, ProbeConfig, ProbeError, extract_features, run_probe
 
@@ -38,6 +38,14 @@ def test_augmented_views_are_the_tokens_of_flipped_and_shifted_images(tiny):
     assert not (shifted == plain).all(-1).all()  # translations change tokens
     with pytest.raises(ValueError, match="views"):
         augmented_views(tok, images, views=0)
+
+
+def test_token_views_picks_the_augmentation_the_flags_ask_for(tiny):
+    tok, images = tiny["tok"], tiny["images"][:12]
+    assert torch.equal(token_views(tok, images, 0, flip=True), mirrored_view(tok, images))
+    assert token_views(tok, images, 0, flip=False) is None
+    drawn = token_views(tok, images, 2, flip=True, seed=3)
+    assert drawn.shape[0] == 2 and torch.equal(drawn, augmented_views(tok, images, 2, flip=True, seed=3))
 
 
 class _Recorder(nn.Module):

@@ -265,3 +265,11 @@ def test_step_budget_decides_from_measured_steps():
     assert budget.out_of_time()
     short = StepBudget(100.0, max_steps=50, warmup=2)  # a warmup too short to measure in: no fitting
     assert short.decided and not short.fitted and short.steps == 50
+
+
+def test_shape_overrides_replace_the_presets_dimensions(cfg):
+    """--n-layer/--n-head/--d-model size the model (the wide/shallow lever); unset ones keep the preset's."""
+    train(replace(cfg, steps=2, n_layer=1, d_model=96, n_head=3))
+    model = LVM.from_pretrained(os.path.join(cfg.out, "latest"))
+    assert (model.config.n_layer, model.config.n_head, model.config.d_model) == (1, 3, 96)
+    assert len(model.blocks) == 1 and model.tok_emb.weight.shape[1] == 96

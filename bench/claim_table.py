@@ -1,0 +1,121 @@
+"""The seeds' claim measured head-on (issue #14, item 4): a domain LVM against what else a user could do.
+
+    python -m bench.claim_table --domain runs/quickstart/probe/probe.json \\
+        --ood runs/pretrain-levers/ood_skimage/probe_full/probe.json \\
+        --finetune bench/results/finetune-levers-cpu.jsonl
+
+Rows, on the same class-balanced label subsets (``lvm probe``'s seeds) and scored on the Fashion-MNIST
+test images no stage trained or chose on:
+
+- domain LVM: tokenizer and LVM pretrained on Fashion-MNIST train (the default quickstart), linear probe;
+  and its LP-FT fine-tuning where ``bench.finetune_levers`` measured it (one label subset);
+- out-of-domain LVM: the same recipe and step counts pretrained on scikit-image crops (28 px grey),
+  probed on Fashion-MNIST the same way (``bench.pretrain_levers --levers ood_skimage`` + ``lvm probe``);
+- supervised CNN from scratch on the same labels (``lvm probe --supervised``) and raw pixels.
+
+The last column is the label fraction at which the domain LVM's best curve reaches each competitor's
+100 %-labels accuracy (linear in log-fraction between measured points; "not reached" if it never does).
+Results go to bench/results/claim-table-cpu.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--domain", required=True, help="probe.json of the domain LVM (its quickstart's probe stage)")
+    p.add_argument("--ood", required=True, help="probe.json of the out-of-domain LVM, with --baselines --supervised")
+    p.add_argument("--finetune", default=str(RESULTS / "finetune-levers-cpu.jsonl"),
+                   help="bench.finetune_levers rows (the 'lpft' ones are the domain LVM fine-tuned)")
+    p.add_argument("--commands", nargs="*", default=[], help="the commands that made the inputs, for the table")
+    p.add_argument("--out", default=str(RESULTS / "claim-table-cpu"))
+    return p.parse_args(argv)
+
+
+def curves(probe: dict, rename: dict[str, str]) -> dict[str, dict[float, tuple[float, float, int]]]:
+    """``{row name: {fraction: (mean, std, runs)}}`` of a probe.json, for the features named in ``rename``."""
+    out: dict[str, dict] = {}
+    for r in probe["rows"]:
+        features = r["features"]
+        key = next((name for prefix, name in rename.items() if features.startswith(prefix)), None)
+        if key is None:
+            continue
+        key = f"{key}, {r['method']}" if r["method"] not in ("linear", "supervised") else key
+        out.setdefault(key, {})[float(r["fraction"])] = (r["acc_mean"], r.get("acc_std", 0.0), r.get("runs", 1))
+    return out
+
+
+def fraction_to_match(curve: dict[float, float], target: float) -> float | None:
+    """Smallest label fraction where ``curve`` (fraction -> accuracy) reaches ``target``, interpolating
+    linearly in log-fraction between measured points; None if no measured point reaches it."""
+    points = sorted(curve.items())
+    for i, (f, acc) in enumerate(points):
+        if acc >= target:
+            if i == 0:
+                return f
+            f0, a0 = points[i - 1]
+            t = (target - a0) / (acc - a0)
+            return math.exp(math.log(f0) + t * (math.log(f) - math.log(f0)))
+    return None
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from bench.results_io import write_results
+    from lvm.runtime import cpu_model
+
+    domain = json.loads(Path(args.domain).read_text())
+    ood = json.loads(Path(args.ood).read_text())
+    rows = curves(domain, {"lvm": "domain LVM (Fashion-MNIST), linear"})
+    rows.update(curves(ood, {"lvm": "out-of-domain LVM (skimage crops), linear", "supervised": "supervised CNN",
+                             "raw pixels": "raw pixels"}))
+    ft = [json.loads(line) for line in Path(args.finetune).read_text().splitlines() if line.strip()] \
+        if Path(args.finetune).exists() else []
+    lpft = {float(r["fraction"]): (r["test_acc"], 0.0, 1) for r in ft if r["lever"] == "lpft"}
+    if lpft:
+        rows["domain LVM (Fashion-MNIST), LP-FT fine-tuning"] = lpft
+    fractions = sorted({f for curve in rows.values() for f in curve})
+    domain_names = [k for k in rows if k.startswith("domain")]
+    best = {f: max(rows[k][f][0] for k in domain_names if f in rows[k]) for f in fractions
+            if any(f in rows[k] for k in domain_names)}
+
+    head = "| features / method | " + " | ".join(f"{100 * f:g} % labels" for f in fractions)
+    lines = [
+        "# The claim head-on: domain LVM vs out-of-domain LVM vs supervised CNN vs raw pixels (issue #14, item 4)", "",
+        f"CPU: {cpu_model()}. Fashion-MNIST test accuracy (%), mean ± std over label subsets (runs in brackets "
+        "where not the probe's 3 / 1); every stage trained and chose on Fashion-MNIST train images only.", "",
+        head + " | domain LVM (best) reaches its 100 % at |",
+        "|---" * (len(fractions) + 2) + "|",
+    ]
+    table = {}
+    for name, curve in rows.items():
+        cells = []
+        for f in fractions:
+            if f not in curve:
+                cells.append("")
+                continue
+            mean, std, runs = curve[f]
+            cell = f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if runs > 1 else "")
+            cells.append(cell + (" (1 subset)" if runs == 1 and f < 1 else ""))
+        match = ""
+        if not name.startswith("domain") and 1.0 in curve:
+            reached = fraction_to_match(best, curve[1.0][0])
+            match = f"{100 * reached:.2g} % labels" if reached is not None else \
+                f"not reached (domain best at 100 %: {100 * best.get(1.0, float('nan')):.1f})"
+        table[name] = {"accuracy": {str(f): curve[f] for f in curve}, "domain_matches_at": match}
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {match} |")
+    if args.commands:
+        lines += ["", "Commands:", "", *[f"- `{c}`" for c in args.commands]]
+    write_results(args.out, {"cpu": cpu_model(), "rows": table, "domain_best": best,
+                             "inputs": {"domain": args.domain, "ood": args.ood, "finetune": args.finetune},
+                             "commands": args.commands}, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

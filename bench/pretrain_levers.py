@@ -1,0 +1,194 @@
+"""Pretraining levers for the features (issue #14, item 3), each probed at 10 % of the labels.
+
+    python -m bench.pretrain_levers --out /tmp/levers --levers baseline grid14 wide_shallow
+    python -m bench.pretrain_levers --out /tmp/levers --report        # table from the finished runs
+
+Every lever is the default quickstart recipe (tokenizer, tokenize, LVM pretraining on Fashion-MNIST
+train) with one thing changed, at the *compute* of the default 30-minute run on a 2-core fp32 CPU
+(tokenizer 176 steps of 128 images, LVM 106 steps of 16 x 510 tokens): a lever that costs more per
+step gets fewer steps, so every row answers "is this a better use of the same CPU time". Step counts
+are fixed rather than timed, so runs may share the machine without changing what they train.
+
+The probe is ``lvm probe``'s linear probe (layer chosen by its sweep on training images, L2 on a
+validation split of the labels) on 6,000 training images (10 % of the labels, an even subsample) and
+scored on the 10,000 Fashion-MNIST test images, which no stage trains or chooses on. The ``ood_*``
+levers pretrain tokenizer and LVM on scikit-image crops instead and are probed on Fashion-MNIST alike
+(the out-of-domain LVM of item 4). Each row lists the exact commands that made it; results go to
+bench/results/pretrain-levers-cpu.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+TOKENIZER_STEPS = 176  # the default quickstart's counts on a 2-core AMD EPYC without AMX (30-minute budget)
+LVM_STEPS = 106
+TOKENIZER_STEP_S = 0.46  # its measured seconds per step (median), to trade tokenizer steps for LVM steps
+LVM_STEP_S = 3.34  # 353.9 s / 106 steps in that run
+
+# name -> what changes. tok / train: extra CLI flags; *_steps: step counts; pairs: a transform whose tokens
+# sit beside each image in one sentence; data: the pretraining source.
+LEVERS: dict[str, dict] = {
+    "baseline": {"why": "the default quickstart recipe: 7x7 FSQ tokens, small (6 x 256), single images"},
+    "grid14": {"tok": ["--grid", "14"], "lvm_steps": 120,
+               "why": "14x14 tokens per image (rows of 2 sentences = 396 tokens: 120 steps cost the baseline's 106; "
+                      "1/5 of the images per step)"},
+    "wide_shallow": {"train": ["--n-layer", "3", "--d-model", "384", "--n-head", "6"], "lvm_steps": 95,
+                     "why": "3 x 384 instead of 6 x 256 (1.12x the FLOPs per token, so 95 steps)"},
+    "pairs_hflip": {"pairs": "hflip", "why": "sentences [image, its mirror image] (the image's view as the "
+                                             "next sentence part; half the distinct images per step)"},
+    "tokenizer_x3": {"tokenizer_steps": 3 * TOKENIZER_STEPS,
+                     "lvm_steps": LVM_STEPS - round(2 * TOKENIZER_STEPS * TOKENIZER_STEP_S / LVM_STEP_S),
+                     "why": "3x the tokenizer steps, paid for with LVM steps"},
+    "batch8": {"train": ["--batch-size", "8"], "lvm_steps": 2 * LVM_STEPS,
+               "why": "8 rows per step instead of 16, twice the steps (same tokens)"},
+    "lr_x2": {"train": ["--lr", "4e-3"], "why": "peak learning rate 4e-3 instead of 2e-3"},
+    "lvm_x3": {"lvm_steps": 3 * LVM_STEPS, "why": "3x the LVM steps (3x the compute: the scaling curve)"},
+    "ood_skimage": {"data": "skimage-crops", "why": "the same recipe pretrained on scikit-image crops "
+                                                     "(28 px grey): out of domain"},
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/pretrain-levers", help="one folder per lever; finished stages are kept")
+    p.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS))
+    p.add_argument("--threads", type=int, default=2, help="torch threads of every stage")
+    p.add_argument("--probe-images", type=int, default=6000, help="labelled training images the probe fits on")
+    p.add_argument("--report", action="store_true", help="only write the table from finished runs")
+    p.add_argument("--results", default=str(RESULTS / "pretrain-levers-cpu"))
+    return p.parse_args(argv)
+
+
+def own_tokenizer(name: str) -> bool:
+    """Levers that change only the LVM share the baseline's tokenizer and token shards (one change per row)."""
+    lever = LEVERS[name]
+    return name == "baseline" or any(k in lever for k in ("tok", "tokenizer_steps", "data"))
+
+
+def commands(name: str, out: Path, threads: int, probe_images: int) -> list[tuple[str, list[str]]]:
+    """(stage, argv) of one lever's run, in order; a stage is skipped when its output exists."""
+    lever = LEVERS[name]
+    run, data = out / name, lever.get("data", "fashion-mnist")
+    base = run if own_tokenizer(name) else out / "baseline"
+    tok, tokens, lvm = base / "tokenizer", base / "tokens", run / "lvm"
+    shape = ["--image-size", "28", "--channels", "1"] if data != "fashion-mnist" else []
+    cmds = []
+    if own_tokenizer(name):
+        cmds.append(("tokenizer", ["lvm", "tokenizer-train", "--data", data, "--out-dir", str(tok), *shape,
+                                   "--steps", str(lever.get("tokenizer_steps", TOKENIZER_STEPS)), "--batch-size", "128",
+                                   "--eval-holdout", "500", "--threads", str(threads), "--no-progress",
+                                   *lever.get("tok", [])]))
+        for side in ("train", "test"):
+            cmds.append((f"tokens/{side}", ["lvm", "tokenize", "--source", data, "--tokenizer", str(tok),
+                                            "--split", side, "--out", str(tokens / side)]))
+    views = []
+    if "pairs" in lever:
+        view = run / "tokens" / f"train_{lever['pairs']}"
+        cmds.append((f"tokens/train_{lever['pairs']}", ["lvm", "tokenize", "--source", data, "--tokenizer", str(tok),
+                                                        "--split", "train", "--transform", lever["pairs"],
+                                                        "--out", str(view)]))
+        views = ["--kind", "pairs", "--views", str(view)]
+    cmds.append(("lvm", ["lvm", "train", "--data", str(tokens / "train"),
+                         "--eval-data", str(tokens / "test"), "--out", str(lvm), *views,
+                         "--preset", "small", "--context-len", "512", "--steps", str(lever.get("lvm_steps", LVM_STEPS)),
+                         "--batch-size", "16", "--lr", "2e-3", "--warmup-steps", "50", "--eval-every", "250",
+                         "--ckpt-every", "250", "--eval-rows", "64", "--no-compile", "--threads", str(threads),
+                         "--no-progress", *lever.get("train", [])]))
+    cmds.append(("probe10", ["lvm", "probe", "--checkpoint", str(lvm), "--tokenizer", str(tok),
+                             "--source", "fashion-mnist", "--limit-train", str(probe_images), "--fractions", "1.0",
+                             "--seeds", "1", "--no-baselines", "--no-random-init", "--sweep-images", "5000",
+                             "--out", str(run / "probe10")]))
+    return cmds
+
+
+def done(stage: str, run: Path) -> bool:
+    marker = {"tokenizer": "tokenizer/eval.json", "lvm": "lvm/latest", "probe10": "probe10/probe.json"}
+    path = run / marker.get(stage, f"{stage}/meta.json")
+    return path.exists()
+
+
+def run_lever(name: str, out: Path, threads: int, probe_images: int) -> None:
+    run = out / name
+    run.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").exists() else {}
+    for stage, argv in commands(name, out, threads, probe_images):
+        if done(stage, run):
+            continue
+        print(f"[{name}] {stage}: {shlex.join(argv)}", flush=True)
+        tic = time.time()
+        with open(run / f"{stage.replace('/', '_')}.log", "w") as log:
+            rc = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        if rc:
+            sys.exit(f"[{name}] {stage} failed (rc {rc}); see {run / (stage.replace('/', '_') + '.log')}")
+        timings[stage] = round(time.time() - tic, 1)
+        (run / "timings.json").write_text(json.dumps(timings, indent=2))
+
+
+def row(name: str, out: Path, threads: int, probe_images: int) -> dict | None:
+    run = out / name
+    if not done("probe10", run):
+        return None
+    probe = json.loads((run / "probe10" / "probe.json").read_text())
+    lin = next(r for r in probe["rows"] if r["method"] == "linear")
+    tok = json.loads(((run if own_tokenizer(name) else out / "baseline") / "tokenizer" / "eval.json").read_text())
+    metrics = [json.loads(line) for line in (run / "lvm" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    summary = {"steps": max(m["step"] for m in metrics),
+               "eval_loss": next((m["eval_loss"] for m in reversed(metrics) if "eval_loss" in m), None)}
+    timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").exists() else {}
+    return {"lever": name, "why": LEVERS[name]["why"], "test_acc": lin["acc_mean"], "n_labels": lin["n_labels"],
+            "layer": lin["features"], "dim": lin["dim"], "tokenizer_psnr_db": tok.get("psnr_db"),
+            "tokenizer_steps": tok.get("steps"), "grid": tok.get("grid"), "lvm_steps": summary.get("steps"),
+            "eval_loss": summary.get("eval_loss"), "seconds": timings,
+            "commands": [shlex.join(argv) for _, argv in commands(name, out, threads, probe_images)]}
+
+
+def report(rows: list[dict], args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.results_io import write_results
+    from lvm.runtime import cpu_model
+
+    base = next((r["test_acc"] for r in rows if r["lever"] == "baseline"), None)
+    lines = [
+        "# Pretraining levers at the default run's compute, linear probe at 10 % labels (issue #14, item 3)", "",
+        f"CPU: {cpu_model()} (runs may have shared it: step counts are fixed, so accuracies do not depend on "
+        "the load; seconds do). Command: `python -m bench.pretrain_levers` (module docstring: protocol).", "",
+        f"Probe: linear, layer from the probe's sweep, {args.probe_images:,} labelled Fashion-MNIST training images "
+        "(10 %), scored on the 10,000 test images no stage saw.", "",
+        "| lever | what changes | grid | tokenizer steps (PSNR dB) | LVM steps | eval loss | layer | test % | vs baseline |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        delta = "" if base is None else f"{100 * (r['test_acc'] - base):+.1f}"
+        grid = "x".join(map(str, r["grid"] or []))
+        loss = "" if r["eval_loss"] is None else f"{r['eval_loss']:.3f}"
+        lines.append(f"| {r['lever']} | {r['why']} | {grid} | {r['tokenizer_steps']} ({r['tokenizer_psnr_db']:.1f}) "
+                     f"| {r['lvm_steps']} | {loss} | {r['layer']} | {100 * r['test_acc']:.1f} | {delta} |")
+    lines += ["", "Commands of each row (in order; `OMP_NUM_THREADS` = the threads given):", ""]
+    for r in rows:
+        lines += [f"- {r['lever']}:", *[f"  - `{c}`" for c in r["commands"]]]
+    write_results(args.results, {"cpu": cpu_model(), "probe_images": args.probe_images, "rows": rows},
+                  "\n".join(lines) + "\n")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    out = Path(args.out)
+    if not args.report:
+        for name in args.levers:
+            run_lever(name, out, args.threads, args.probe_images)
+    rows = [r for name in LEVERS if (r := row(name, out, args.threads, args.probe_images)) is not None]
+    report(rows, args)
+
+
+if __name__ == "__main__":
+    main()

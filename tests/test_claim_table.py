@@ -1,0 +1,26 @@
+"""bench.claim_table: where the domain LVM's curve reaches a competitor's 100 %-labels accuracy."""
+import math
+
+import pytest
+
+from bench.claim_table import curves, fraction_to_match
+
+
+def test_fraction_to_match_interpolates_in_log_fraction():
+    curve = {0.01: 0.70, 0.1: 0.80, 1.0: 0.90}
+    assert fraction_to_match(curve, 0.85) == pytest.approx(math.sqrt(0.1))  # half-way between 10 % and 100 % in log
+    assert fraction_to_match(curve, 0.80) == pytest.approx(0.1)
+    assert fraction_to_match(curve, 0.65) == pytest.approx(0.01)  # already there at the smallest fraction
+    assert fraction_to_match(curve, 0.95) is None  # never reached: said so, not extrapolated
+
+
+def test_curves_keep_only_named_features_and_methods():
+    probe = {"rows": [
+        {"features": "lvm (layer 5)", "method": "linear", "fraction": 0.1, "acc_mean": 0.8, "acc_std": 0.01, "runs": 3},
+        {"features": "lvm (layer 5)", "method": "finetune", "fraction": 0.1, "acc_mean": 0.82, "runs": 3},
+        {"features": "raw pixels", "method": "linear", "fraction": 1.0, "acc_mean": 0.84, "runs": 1},
+        {"features": "random-init lvm", "method": "linear", "fraction": 1.0, "acc_mean": 0.5, "runs": 1},
+    ]}
+    got = curves(probe, {"lvm": "LVM", "raw pixels": "pixels"})
+    assert got == {"LVM": {0.1: (0.8, 0.01, 3)}, "LVM, finetune": {0.1: (0.82, 0.0, 3)},
+                   "pixels": {1.0: (0.84, 0.0, 1)}}

@@ -1,0 +1,62 @@
+"""bench.pretrain_levers: every lever's commands are ones the CLI accepts, and they differ from the
+baseline only in what the lever says (so a row measures its lever and nothing else)."""
+import argparse
+import importlib
+import shlex
+from pathlib import Path
+
+import pytest
+
+from bench.pretrain_levers import LEVERS, commands
+from lvm.cli import COMMANDS, add_dataclass_arguments
+
+
+def _parse(argv: list[str]) -> dict:
+    """``lvm <command> flags...`` parsed as the CLI parses it (an unknown flag exits)."""
+    assert argv[0] == "lvm"
+    module, config, _, _ = COMMANDS[argv[1]]
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, getattr(importlib.import_module(module), config))
+    return vars(parser.parse_args(argv[2:]))
+
+
+def _parsed(name: str) -> dict:
+    return {stage: _parse(argv) for stage, argv in commands(name, Path("/x"), 1, 6000)}
+
+
+@pytest.mark.parametrize("name", list(LEVERS))
+def test_lever_commands_parse(name):
+    stages = _parsed(name)
+    assert {"lvm", "probe10"} <= set(stages)
+    assert stages["probe10"]["source"] == "fashion-mnist"  # every lever is probed on the same labelled images
+    if "tokenizer" in stages:  # its own tokenizer and shards
+        assert {"tokens/train", "tokens/test"} <= set(stages)
+        assert stages["probe10"]["tokenizer"] == stages["tokenizer"]["out_dir"] == stages["tokens/train"]["tokenizer"]
+    else:  # an LVM-only lever pretrains on the baseline's shards, so the tokenizer is not a second change
+        assert stages["lvm"]["data"] == "/x/baseline/tokens/train"
+        assert stages["probe10"]["tokenizer"] == "/x/baseline/tokenizer"
+
+
+def test_levers_change_only_their_lever():
+    base = _parsed("baseline")
+
+    def changed(name: str, stage: str) -> dict:
+        other = _parsed(name)[stage]
+        return {k: v for k, v in other.items() if base[stage].get(k) != v and "/x/" not in str(v)}
+
+    assert changed("grid14", "tokenizer") == {"grid": 14}
+    assert changed("grid14", "lvm") == {"steps": 120}
+    assert changed("wide_shallow", "lvm") == {"n_layer": 3, "d_model": 384, "n_head": 6, "steps": 95}
+    assert "tokenizer" not in _parsed("wide_shallow") and "tokenizer" in _parsed("tokenizer_x3")
+    assert changed("batch8", "lvm") == {"batch_size": 8, "steps": 2 * 106}
+    assert changed("pairs_hflip", "lvm") == {"kind": "pairs"}  # plus the aligned view shards
+    assert _parsed("pairs_hflip")["tokens/train_hflip"]["transform"] == "hflip"
+    assert changed("tokenizer_x3", "tokenizer") == {"steps": 3 * 176}
+    assert changed("lvm_x3", "lvm") == {"steps": 3 * 106}
+    assert changed("ood_skimage", "tokenizer") == {"data": "skimage-crops", "image_size": 28, "channels": 1}
+    assert changed("ood_skimage", "probe10") == {}
+
+
+def test_commands_are_printable_and_reparse():
+    for stage, argv in commands("pairs_hflip", Path("/x y"), 2, 6000):
+        assert shlex.split(shlex.join(argv)) == argv
