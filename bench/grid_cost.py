@@ -10,7 +10,6 @@ pays). Ratios against the 7x7 row are the result; results go to ``bench/results/
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -57,15 +56,13 @@ def measure(size: int, channels: int, grid: int, context: int = 512, rows: int =
 
 
 def main() -> None:
-    from lvm.quickstart import _cpu_name
-    from lvm.runtime import cpu_has_fast_bf16
+    from bench.results_io import write_results
+    from lvm.runtime import cpu_has_fast_bf16, cpu_model
 
     rows = {name: measure(size, ch, grid) for name, size, ch, grid in LAYOUTS}
     base = rows[LAYOUTS[0][0]]
-    result = {"cpu": _cpu_name(), "amx": cpu_has_fast_bf16(), "threads": torch.get_num_threads(),
+    result = {"cpu": cpu_model(), "amx": cpu_has_fast_bf16(), "threads": torch.get_num_threads(),
               "load_avg": os.getloadavg(), "precision": "fp32", "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "grid-cost-cpu.json").write_text(json.dumps(result, indent=2))
     lines = ["# Cost per image vs token grid (fp32, `small` LVM, side by side in one run)", "",
              f"CPU: {result['cpu']}, AMX {'yes' if result['amx'] else 'no'}, {result['threads']} threads, "
              f"load average {result['load_avg'][0]:.1f}. Command: `python -m bench.grid_cost`. Ratios are to the "
@@ -77,8 +74,7 @@ def main() -> None:
             f"| {name} | {r['tokens_per_image']} | {r['encode_ms']:.2f} ({r['encode_ms'] / base['encode_ms']:.1f}x) "
             f"| {r['train_ms_per_image']:.2f} ({r['train_ms_per_image'] / base['train_ms_per_image']:.1f}x) "
             f"| {r['forward_ms']:.2f} ({r['forward_ms'] / base['forward_ms']:.1f}x) |")
-    (RESULTS / "grid-cost-cpu.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(RESULTS / "grid-cost-cpu", result, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from bench.results_io import write_results
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -96,8 +98,6 @@ def main() -> None:
               "load_avg_at_end": os.getloadavg(), "runs": runs,
               "grid": list(TokenizerConfig(image_size=args.size, patch_size=patch,
                                            widths=(64,) * (downsamplings + 1)).grid)}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "stream-tokenize-cpu.json").write_text(json.dumps(result, indent=2))
     lines = [
         "# Streaming `lvm tokenize`: peak memory vs image count",
         "",
@@ -114,8 +114,7 @@ def main() -> None:
         "",
         f"Raw pixels of all {args.images:,} images: {args.images * args.size * args.size * 3 / 2**30:.1f} GiB.",
     ]
-    (RESULTS / "stream-tokenize-cpu.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(RESULTS / "stream-tokenize-cpu", result, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import time
@@ -25,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bench.results_io import write_results
 from lvm.config import LVMConfig
 from lvm.model import LVM, apply_rope
 from lvm.runtime import cpu_has_fast_bf16, mixed_precision
@@ -147,10 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
                   for (name, *_), med, t in zip(rungs, medians, tps)],
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     name = f"train_step-{device.type}"
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     lines = [
         f"# Training step: our levers one by one vs plain eager PyTorch ({result['device']}, {result['threads']} threads)",
         "",
@@ -164,8 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
         *[f"| {r['loop']} | {r['tokens_per_s']:,.0f} | {r['ratio_vs_plain']:.2f} |" for r in result["rungs"]],
         "",
     ]
-    (out / f"{name}.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(Path(args.out) / name, result, "\n".join(lines))
     return result
 
 
