@@ -45,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default="runs/quickstart/lvm")
     p.add_argument("--layer", type=int, default=0, help="0: the layer the checkpoint's probe run chose")
     p.add_argument("--fraction", type=float, default=0.01)
+    p.add_argument("--subset", type=int, default=0, help="which class-balanced label subset (lvm probe's seed); "
+                                                         "also the seed of every fit")
     p.add_argument("--steps", type=int, default=0, help="step budget of every lever but base (0: 120 at <= 1 %%, "
                                                         "else 300)")
     p.add_argument("--levers", nargs="*", default=["linear", "supervised", "base", *LEVERS])
@@ -76,15 +78,16 @@ def main(argv=None) -> None:
     train = load_images("fashion-mnist", "train", size=tok.config.image_size, channels=tok.config.channels)
     test = load_images("fashion-mnist", "test", size=tok.config.image_size, channels=tok.config.channels)
     train_ids, test_ids = _encoded(tok, train.images, test.images, args.cache)
-    idx = _subset(train.labels, args.fraction, 0)
+    idx = _subset(train.labels, args.fraction, args.subset)
     ids, y = train_ids[idx], torch.from_numpy(train.labels[idx]).long()
     test_flat, y_test = test_ids.reshape(len(test_ids), -1), torch.from_numpy(test.labels).long()
     steps = args.steps or (120 if args.fraction <= 0.01 else 300)
     hw = tuple(train_ids.shape[1:])
-    base = HeadTrainConfig(epochs=10, max_steps=300, batch_size=128, lr=1e-3, seed=0)
+    base = HeadTrainConfig(epochs=10, max_steps=300, batch_size=128, lr=1e-3, seed=args.subset)
     long = replace(base, epochs=10_000, max_steps=steps)
     machine = {"cpu": cpu_model(), "amx": cpu_has_fast_bf16(), "threads": torch.get_num_threads()}
-    common = {"checkpoint": str(ckpt), "layer": layer, "fraction": args.fraction, "n_labels": len(idx), **machine}
+    common = {"checkpoint": str(ckpt), "layer": layer, "fraction": args.fraction, "subset": args.subset,
+              "n_labels": len(idx), **machine}
     plan = [(name, [name]) if name in (*REFERENCES, "base") or not args.on else ("+".join([*args.on, name]), [*args.on, name])
             for name in args.levers]
     plan += [("+".join(args.combine), args.combine)] if args.combine else []
@@ -94,11 +97,11 @@ def main(argv=None) -> None:
         if name == "linear":
             f_tr = extract_features(model, ids, special, layer, "grid", 3)
             f_te = extract_features(model, test_ids, special, layer, "grid", 3)
-            row["test_acc"] = LinearProbe.fit(f_tr, y, seed=0).accuracy(f_te, y_test)
+            row["test_acc"] = LinearProbe.fit(f_tr, y, seed=args.subset).accuracy(f_te, y_test)
         elif name == "supervised":
             from lvm.supervised import SupervisedConfig, evaluate, fit_supervised, to_nchw
 
-            cfg = SupervisedConfig(epochs=10_000, max_steps=steps, seed=0)
+            cfg = SupervisedConfig(epochs=10_000, max_steps=steps, seed=args.subset)
             cnn, val = fit_supervised(to_nchw(train.images[idx]), y, cfg)
             row.update(test_acc=evaluate(cnn, to_nchw(test.images), y_test)[0], val_acc=val, steps=steps)
         else:
@@ -109,7 +112,7 @@ def main(argv=None) -> None:
                     ft_over.update(LEVERS[part][1])
             cfg = replace(base if parts == ["base"] else long, **cfg_over)
             n_views = ft_over.pop("views", 0)
-            views = token_views(tok, train.images[idx], n_views, seed=0)
+            views = token_views(tok, train.images[idx], n_views, seed=args.subset)
             clf, val = fine_tune(model, ids.reshape(len(ids), -1), y, layer, special, cfg, views=views, hw=hw,
                                  **ft_over)
             row.update(test_acc=accuracy(clf, test_flat, y_test), val_acc=val, config=cfg.__dict__ | ft_over,
@@ -117,8 +120,9 @@ def main(argv=None) -> None:
         row["seconds"] = round(time.time() - tic, 1)
         what = (f"--levers {name}" if len(parts) == 1 else f"--on {' '.join(args.on)} --levers {parts[-1]}"
                 if args.on and parts[:-1] == args.on else f"--levers --combine {' '.join(parts)}")
+        subset = f" --subset {args.subset}" if args.subset else ""
         row["command"] = (f"python -m bench.finetune_levers --checkpoint {args.checkpoint} --fraction {args.fraction}"
-                          f" --steps {steps} {what}")
+                          f"{subset} --steps {steps} {what}")
         print(json.dumps({k: row[k] for k in ("lever", "fraction", "test_acc", "seconds")}), flush=True)
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -143,25 +147,48 @@ def _encoded(tok, train_images: np.ndarray, test_images: np.ndarray, cache: str)
     return train_ids, test_ids
 
 
+FINDINGS = "## Findings"  # the report's hand-written part starts here; --report keeps it
+
+
+def _subset_means(rows: list[dict]) -> list[str]:
+    """Mean ± std of the rows run on more than one label subset (the last run of each lever and subset)."""
+    last: dict[tuple, float] = {}
+    for r in rows:
+        last[(r["fraction"], r["lever"], r.get("subset", 0))] = r["test_acc"]
+    groups: dict[tuple, list[float]] = {}
+    for (fraction, lever, _), acc in last.items():
+        groups.setdefault((fraction, lever), []).append(acc)
+    multi = {k: v for k, v in groups.items() if len(v) > 1}
+    if not multi:
+        return []
+    out = ["", "Over label subsets:", "", "| fraction | row | subsets | test acc % (mean ± std) |", "|---|---|---|---|"]
+    for (fraction, lever), accs in sorted(multi.items()):
+        out.append(f"| {100 * fraction:g} % | {lever} | {len(accs)} | {100 * np.mean(accs):.1f} ± {100 * np.std(accs):.1f} |")
+    return out
+
+
 def write_report(jsonl: Path) -> Path:
     rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
     lines = ["# Fine-tuning levers (issue #14, item 2)", "",
-             "One checkpoint, one layer, one class-balanced label subset per fraction (seed 0), the whole "
+             "One checkpoint, one layer, class-balanced label subsets (the `subset` column: lvm probe's seeds), the whole "
              "Fashion-MNIST test set scored once per row. `base` is the recipe before these levers (attentive "
              "head, flipped view, 10-epoch cap); every other row is `long` (the epoch cap lifted to the step "
              "budget) plus one change; `linear` (probe on the frozen features) and `supervised` (the small CNN "
-             "at the same step budget) are the references. One seed: differences under ~1 point are noise.", ""]
+             "at the same step budget) are the references. On one subset, differences under ~1 point are noise.", ""]
     if rows:
         r = rows[0]
         lines += [f"Checkpoint `{r['checkpoint']}`, layer {r['layer']}; CPU: {r['cpu']}, AMX {'yes' if r['amx'] else 'no'}, "
                   f"{r['threads']} threads.", ""]
-    lines += ["| fraction | labels | row | test acc % | val acc % | seconds | command |", "|---|---|---|---|---|---|---|"]
+    lines += ["| fraction | labels | subset | row | test acc % | val acc % | seconds | command |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         val = f"{100 * r['val_acc']:.1f}" if r.get("val_acc") is not None else ""
-        lines.append(f"| {100 * r['fraction']:g} % | {r['n_labels']} | {r['lever']} | {100 * r['test_acc']:.1f} | {val} "
-                     f"| {r['seconds']} | `{r['command']}` |")
+        lines.append(f"| {100 * r['fraction']:g} % | {r['n_labels']} | {r.get('subset', 0)} | {r['lever']} "
+                     f"| {100 * r['test_acc']:.1f} | {val} | {r['seconds']} | `{r['command']}` |")
+    lines += _subset_means(rows)
     out = jsonl.with_suffix(".md")
-    out.write_text("\n".join(lines) + "\n")
+    notes = out.read_text().partition(FINDINGS)[2] if out.exists() else ""  # written by hand: kept
+    out.write_text("\n".join(lines) + "\n" + (f"\n{FINDINGS}{notes}" if notes else ""))
     return out
 
 
