@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = "runs/pretrain-levers"  # the report's commands name this folder
 
 TOKENIZER_STEPS = 176  # the default quickstart's counts on a 2-core AMD EPYC without AMX (30-minute budget)
 LVM_STEPS = 106
@@ -38,9 +39,10 @@ LVM_STEP_S = 3.34  # 353.9 s / 106 steps in that run
 # sit beside each image in one sentence; data: the pretraining source.
 LEVERS: dict[str, dict] = {
     "baseline": {"why": "the default quickstart recipe: 7x7 FSQ tokens, small (6 x 256), single images"},
-    "grid14": {"tok": ["--grid", "14"], "lvm_steps": 120,
+    "grid14": {"tok": ["--grid", "14"], "lvm_steps": 120, "probe": ["--layers", "6"],
                "why": "14x14 tokens per image (rows of 2 sentences = 396 tokens: 120 steps cost the baseline's 106; "
-                      "1/5 of the images per step)"},
+                      "1/5 of the images per step); probed at layer 6 (the baseline's pick) without the sweep, "
+                      "which costs 4x at this grid"},
     "wide_shallow": {"train": ["--n-layer", "3", "--d-model", "384", "--n-head", "6"], "lvm_steps": 95,
                      "why": "3 x 384 instead of 6 x 256 (1.12x the FLOPs per token, so 95 steps)"},
     "pairs_hflip": {"pairs": "hflip", "why": "sentences [image, its mirror image] (the image's view as the "
@@ -59,12 +61,13 @@ LEVERS: dict[str, dict] = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/pretrain-levers", help="one folder per lever; finished stages are kept")
+    p.add_argument("--out", default=DEFAULT_OUT, help="one folder per lever; finished stages are kept")
     p.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS))
     p.add_argument("--threads", type=int, default=2, help="torch threads of every stage")
     p.add_argument("--probe-images", type=int, default=6000, help="labelled training images the probe fits on")
     p.add_argument("--report", action="store_true", help="only write the table from finished runs")
     p.add_argument("--results", default=str(RESULTS / "pretrain-levers-cpu"))
+    p.add_argument("--note", action="append", default=[], help="a line for the report (how a row was made)")
     return p.parse_args(argv)
 
 
@@ -106,7 +109,7 @@ def commands(name: str, out: Path, threads: int, probe_images: int) -> list[tupl
     cmds.append(("probe10", ["lvm", "probe", "--checkpoint", str(lvm), "--tokenizer", str(tok),
                              "--source", "fashion-mnist", "--limit-train", str(probe_images), "--fractions", "1.0",
                              "--seeds", "1", "--no-baselines", "--no-random-init", "--sweep-images", "5000",
-                             "--out", str(run / "probe10")]))
+                             "--out", str(run / "probe10"), *lever.get("probe", [])]))
     return cmds
 
 
@@ -146,24 +149,26 @@ def row(name: str, out: Path, threads: int, probe_images: int) -> dict | None:
                "eval_loss": next((m["eval_loss"] for m in reversed(metrics) if "eval_loss" in m), None)}
     timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").exists() else {}
     return {"lever": name, "why": LEVERS[name]["why"], "test_acc": lin["acc_mean"], "n_labels": lin["n_labels"],
-            "layer": lin["features"], "dim": lin["dim"], "tokenizer_psnr_db": tok.get("psnr_db"),
+            "layer": lin["features"].rpartition("layer ")[2].rstrip(")"), "dim": lin["dim"], "tokenizer_psnr_db": tok.get("psnr_db"),
             "tokenizer_steps": tok.get("steps"), "grid": tok.get("grid"), "lvm_steps": summary.get("steps"),
             "eval_loss": summary.get("eval_loss"), "seconds": timings,
-            "commands": [shlex.join(argv) for _, argv in commands(name, out, threads, probe_images)]}
+            "commands": [shlex.join(argv) for _, argv in commands(name, Path(DEFAULT_OUT), threads, probe_images)]}
 
 
 def report(rows: list[dict], args: argparse.Namespace) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from bench.results_io import write_results
-    from lvm.runtime import cpu_model
+    from lvm.runtime import cpu_has_fast_bf16, cpu_model
 
     base = next((r["test_acc"] for r in rows if r["lever"] == "baseline"), None)
     lines = [
         "# Pretraining levers at the default run's compute, linear probe at 10 % labels (issue #14, item 3)", "",
-        f"CPU: {cpu_model()} (runs may have shared it: step counts are fixed, so accuracies do not depend on "
+        f"CPU: {cpu_model()}, AMX {'yes' if cpu_has_fast_bf16() else 'no'} (runs may have shared it: step counts are fixed, so accuracies do not depend on "
         "the load; seconds do). Command: `python -m bench.pretrain_levers` (module docstring: protocol).", "",
         f"Probe: linear, layer from the probe's sweep, {args.probe_images:,} labelled Fashion-MNIST training images "
-        "(10 %), scored on the 10,000 test images no stage saw.", "",
+        "(10 %), scored on the 10,000 test images no stage saw; one label subset, so differences under ~0.5 point "
+        "are noise. Eval loss is per token on held-out images of the lever's own tokens (not comparable across "
+        "grids, sentence kinds or domains).", "", *[line for n in args.note for line in (n, "")],
         "| lever | what changes | grid | tokenizer steps (PSNR dB) | LVM steps | eval loss | layer | test % | vs baseline |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -173,10 +178,11 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
         loss = "" if r["eval_loss"] is None else f"{r['eval_loss']:.3f}"
         lines.append(f"| {r['lever']} | {r['why']} | {grid} | {r['tokenizer_steps']} ({r['tokenizer_psnr_db']:.1f}) "
                      f"| {r['lvm_steps']} | {loss} | {r['layer']} | {100 * r['test_acc']:.1f} | {delta} |")
-    lines += ["", "Commands of each row (in order; `OMP_NUM_THREADS` = the threads given):", ""]
+    lines += ["", f"Commands of each row, in order (`--out {DEFAULT_OUT}`, `OMP_NUM_THREADS` = the threads given):", ""]
     for r in rows:
         lines += [f"- {r['lever']}:", *[f"  - `{c}`" for c in r["commands"]]]
-    write_results(args.results, {"cpu": cpu_model(), "probe_images": args.probe_images, "rows": rows},
+    write_results(args.results, {"cpu": cpu_model(), "probe_images": args.probe_images, "notes": args.note,
+                                 "rows": rows},
                   "\n".join(lines) + "\n")
 
 
