@@ -120,12 +120,18 @@ def done(stage: str, run: Path) -> bool:
 
 
 def run_lever(name: str, out: Path, threads: int, probe_images: int) -> None:
+    if not own_tokenizer(name) and not done("tokens/test", out / "baseline"):  # its shards come from there
+        run_stages("baseline", out, threads, probe_images, ("tokenizer", "tokens/train", "tokens/test"))
+    run_stages(name, out, threads, probe_images)
+
+
+def run_stages(name: str, out: Path, threads: int, probe_images: int, only: tuple[str, ...] = ()) -> None:
     run = out / name
     run.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").exists() else {}
     for stage, argv in commands(name, out, threads, probe_images):
-        if done(stage, run):
+        if done(stage, run) or (only and stage not in only):
             continue
         print(f"[{name}] {stage}: {shlex.join(argv)}", flush=True)
         tic = time.time()

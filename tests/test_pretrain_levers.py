@@ -60,3 +60,13 @@ def test_levers_change_only_their_lever():
 def test_commands_are_printable_and_reparse():
     for stage, argv in commands("pairs_hflip", Path("/x y"), 2, 6000):
         assert shlex.split(shlex.join(argv)) == argv
+
+
+def test_an_lvm_only_lever_first_makes_the_baselines_shards(tmp_path, monkeypatch):
+    import bench.pretrain_levers as pl
+
+    calls = []
+    monkeypatch.setattr(pl.subprocess, "call", lambda argv, **kw: calls.append(argv[:2]) or 0)
+    pl.run_lever("lvm_x3", tmp_path, 1, 6000)
+    assert calls[:3] == [["lvm", "tokenizer-train"], ["lvm", "tokenize"], ["lvm", "tokenize"]]
+    assert calls[3:] == [["lvm", "train"], ["lvm", "probe"]]  # and not the baseline's own LVM
