@@ -444,15 +444,14 @@ def measure_speeds(precision: str = "auto", shape: RunShape | None = None) -> di
 
 def time_supervised_cnn(shape: "RunShape", precision: str = "auto") -> tuple[float, float]:
     """(seconds per training step, test images per second) of ``lvm.supervised``'s ``SmallCNN`` at the run's
-    image shape and the probes' batch: a real step as ``fit_supervised`` takes it (augmentation, autocast,
-    forward, backward, AdamW) on random uint8 images, and its batched evaluation: 2-3 s at 28 px on one core."""
+    image shape and the probes' batch: ``fit_supervised``'s own step (``lvm.supervised.train_step``) on random
+    uint8 images, and its batched evaluation: 2-3 s at 28 px on one core."""
     import torch
-    import torch.nn.functional as F
 
-    from lvm.augment import augment, default_pad
+    from lvm.augment import default_pad
     from lvm.probe import ProbeConfig
-    from lvm.runtime import mixed_precision, param_groups
-    from lvm.supervised import SmallCNN, SupervisedConfig, evaluate
+    from lvm.runtime import mixed_precision
+    from lvm.supervised import SupervisedConfig, build_cnn, evaluate, train_step
 
     h, w, c = shape.image_shape
     classes, batch, cfg = max(2, shape.classes), ProbeConfig().head_batch_size, SupervisedConfig()
@@ -460,22 +459,10 @@ def time_supervised_cnn(shape: "RunShape", precision: str = "auto") -> tuple[flo
     images = torch.randint(0, 256, (512, c, h, w), dtype=torch.uint8, generator=gen)
     labels = torch.randint(0, classes, (512,), generator=gen)
     torch.manual_seed(0)
-    model = SmallCNN(c, classes, max(h, w), cfg.widths)
-    model.set_normalisation(images)
-    model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr))
+    model, opt = build_cnn(images, classes, cfg)
     autocast, pad = mixed_precision(torch.device("cpu"), precision), default_pad(max(h, w))
-
-    def step() -> None:
-        x = augment(images[:batch].float() / 255, cfg.flip, pad, gen)
-        with autocast:
-            loss = F.cross_entropy(model(x).float(), labels[:batch], label_smoothing=cfg.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
     model.train()
-    step_s = _best_time(step)
+    step_s = _best_time(lambda: train_step(model, opt, images[:batch], labels[:batch], cfg, pad, gen, autocast))
     eval_s = _best_time(lambda: evaluate(model, images, labels, precision), repeats=2)
     return step_s, len(images) / eval_s
 

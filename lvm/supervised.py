@@ -116,16 +116,12 @@ def fit_supervised(
     tr, val = stratified_split(labels, cfg.val_fraction, cfg.seed)
     x_tr, y_tr, x_val, y_val = images[tr], labels[tr], images[val], labels[val]
     torch.manual_seed(cfg.seed)
-    side = max(images.shape[2:])
-    model = SmallCNN(images.shape[1], classes, side, cfg.widths)
-    model.set_normalisation(x_tr)
-    model.to(device, memory_format=torch.channels_last)
-    pad = cfg.pad if cfg.pad is not None else default_pad(side)
+    model, opt = build_cnn(x_tr, classes, cfg, device)
+    pad = cfg.pad if cfg.pad is not None else default_pad(max(images.shape[2:]))
 
     sampler = EpochSampler(len(tr), cfg.batch_size, cfg.seed)
     steps = max(1, min(cfg.max_steps, cfg.epochs * sampler.per_epoch))
     eval_at = set(np.linspace(0, steps, cfg.evals + 1, dtype=int)[1:].tolist()) if len(val) else set()
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr))
     warmup = max(1, steps // 20)
     autocast = mixed_precision(device, cfg.precision)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -135,13 +131,8 @@ def fit_supervised(
     bar = tqdm(range(steps), desc="supervised CNN", unit="step", leave=False)
     for step in bar:
         idx = sampler.at(step)
-        x = augment(x_tr[idx].float() / 255, cfg.flip, pad, gen).to(device)  # [B, C, H, W] in [0, 1]
         set_lr(opt, warmup_cosine(step, steps, warmup))
-        with autocast:
-            loss = F.cross_entropy(model(x).float(), y_tr[idx].to(device), label_smoothing=cfg.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = train_step(model, opt, x_tr[idx], y_tr[idx], cfg, pad, gen, autocast)
         if step + 1 in eval_at:
             acc, val_loss = evaluate(model, x_val, y_val, cfg.precision)
             model.train()
@@ -159,6 +150,30 @@ def fit_supervised(
         model.load_state_dict(best_state)
     model.eval()
     return model, (best_score[0] if best_state is not None else None)
+
+
+def build_cnn(train_images: torch.Tensor, classes: int, cfg: SupervisedConfig,
+              device: torch.device | str = "cpu") -> tuple[SmallCNN, torch.optim.Optimizer]:
+    """The CNN of ``fit_supervised`` normalised by its training images, and its AdamW: one place, so the
+    quickstart's timing of a step (``lvm.quickstart.time_supervised_cnn``) times the step that is run."""
+    model = SmallCNN(train_images.shape[1], classes, max(train_images.shape[2:]), cfg.widths)
+    model.set_normalisation(train_images)
+    model.to(device, memory_format=torch.channels_last)
+    return model, torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr))
+
+
+def train_step(model: SmallCNN, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+               cfg: SupervisedConfig, pad: int, gen: torch.Generator, autocast) -> torch.Tensor:
+    """One optimiser step on uint8 ``images`` [B, C, H, W]: augment, forward under ``autocast``, smoothed
+    cross-entropy, backward, AdamW. Returns the loss."""
+    device = next(model.parameters()).device
+    x = augment(images.float() / 255, cfg.flip, pad, gen).to(device)  # [B, C, H, W] in [0, 1]
+    with autocast:
+        loss = F.cross_entropy(model(x).float(), labels.to(device), label_smoothing=cfg.label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
 
 
 def supervised_efficiency(
