@@ -36,6 +36,7 @@ LEVERS: dict[str, tuple[dict, dict]] = {
     "no_smoothing": ({"label_smoothing": 0.0}, {}),
     "backbone_lr_0.3": ({"backbone_lr_scale": 0.3}, {}),
     "uniform_lr_1e-4": ({"lr": 1e-4, "backbone_lr_scale": 1.0}, {}),  # head and LVM alike, small (LP-FT's usual)
+    "refit": ({}, {"refit": True}),  # the head refitted on every labelled row; the row also keeps the score before
 }
 REFERENCES = ("linear", "supervised")
 
@@ -63,7 +64,7 @@ def main(argv=None) -> None:
     if args.report:
         write_report(Path(args.out))
         return
-    from lvm.attentive import HeadTrainConfig, accuracy, fine_tune
+    from lvm.attentive import HeadTrainConfig, accuracy, fine_tune, refit_linear_head
     from lvm.augment import token_views
     from lvm.checkpoint import load_model_and_tokenizer
     from lvm.data import SpecialTokens
@@ -111,10 +112,13 @@ def main(argv=None) -> None:
                     cfg_over.update(LEVERS[part][0])
                     ft_over.update(LEVERS[part][1])
             cfg = replace(base if parts == ["base"] else long, **cfg_over)
-            n_views = ft_over.pop("views", 0)
+            n_views, refit = ft_over.pop("views", 0), ft_over.pop("refit", False)
             views = token_views(tok, train.images[idx], n_views, seed=args.subset)
             clf, val = fine_tune(model, ids.reshape(len(ids), -1), y, layer, special, cfg, views=views, hw=hw,
                                  **ft_over)
+            if refit:  # the same fine-tuned backbone scored with its own head, then with the refitted one
+                row["test_acc_before_refit"] = accuracy(clf, test_flat, y_test)
+                refit_linear_head(clf, ids.reshape(len(ids), -1), y, hw, 3, cfg)
             row.update(test_acc=accuracy(clf, test_flat, y_test), val_acc=val, config=cfg.__dict__ | ft_over,
                        views=n_views or "flip")
         row["seconds"] = round(time.time() - tic, 1)
@@ -151,10 +155,14 @@ FINDINGS = "## Findings"  # the report's hand-written part starts here; --report
 
 
 def _subset_means(rows: list[dict]) -> list[str]:
-    """Mean ± std of the rows run on more than one label subset (the last run of each lever and subset)."""
+    """Mean ± std of the rows run on more than one label subset (the last run of each lever and subset). A
+    ``+refit`` row's score before its refit is the lever without ``refit`` (the same seeded fine-tuning run)."""
     last: dict[tuple, float] = {}
     for r in rows:
         last[(r["fraction"], r["lever"], r.get("subset", 0))] = r["test_acc"]
+        if r.get("test_acc_before_refit") is not None:
+            without = "+".join(p for p in r["lever"].split("+") if p != "refit") or "long"
+            last.setdefault((r["fraction"], without, r.get("subset", 0)), r["test_acc_before_refit"])
     groups: dict[tuple, list[float]] = {}
     for (fraction, lever, _), acc in last.items():
         groups.setdefault((fraction, lever), []).append(acc)
@@ -183,8 +191,10 @@ def write_report(jsonl: Path) -> Path:
               "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         val = f"{100 * r['val_acc']:.1f}" if r.get("val_acc") is not None else ""
+        before = (f" ({100 * r['test_acc_before_refit']:.1f} before the refit)"
+                  if r.get("test_acc_before_refit") is not None else "")
         lines.append(f"| {100 * r['fraction']:g} % | {r['n_labels']} | {r.get('subset', 0)} | {r['lever']} "
-                     f"| {100 * r['test_acc']:.1f} | {val} | {r['seconds']} | `{r['command']}` |")
+                     f"| {100 * r['test_acc']:.1f}{before} | {val} | {r['seconds']} | `{r['command']}` |")
     lines += _subset_means(rows)
     out = jsonl.with_suffix(".md")
     notes = out.read_text().partition(FINDINGS)[2] if out.exists() else ""  # written by hand: kept

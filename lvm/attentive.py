@@ -261,7 +261,7 @@ FINETUNE_INITS = ("attentive", "probe")
 def fine_tune(
     lvm: LVM, ids: torch.Tensor, labels, layer: int, special: SpecialTokens, cfg: HeadTrainConfig,
     flipped_ids: torch.Tensor | None = None, heads: int | None = None, views: torch.Tensor | None = None,
-    init: str = "attentive", hw: tuple[int, int] | None = None, grid: int = 3,
+    init: str = "attentive", hw: tuple[int, int] | None = None, grid: int = 3, refit: bool = False,
 ) -> tuple[FineTuneClassifier, float]:
     """Fine-tune a copy of ``lvm`` (blocks 1..layer) with a head on image token ids ``[N, T]``.
 
@@ -269,6 +269,9 @@ def fine_tune(
     states (``hw`` is the token grid), initialised with a linear probe fitted on the frozen features
     of the training rows only (LP-FT: fine-tuning starts from, and is validated against, the probe).
     ``views`` ``[V, N, T]`` (or the older ``flipped_ids`` ``[N, T]``) are augmented token views.
+    ``refit``: after the backbone is chosen on the validation rows, replace the head by a linear probe
+    fitted on *all* labelled rows (``refit_linear_head``); the returned validation accuracy is then the
+    backbone's, measured before the refit read those rows.
     """
     if init not in FINETUNE_INITS:
         raise ValueError(f"fine_tune: init={init!r} is not one of {FINETUNE_INITS}.")
@@ -282,8 +285,39 @@ def fine_tune(
         head = _probe_head(lvm, ids, labels, layer, special, cfg, hw, grid, classes)
     model = FineTuneClassifier(lvm, layer, ids.shape[1], classes, special, heads, head)
     scale = backbone_lr_scales(model.backbone, layer, cfg)
-    return train_classifier(model, ids, labels, cfg, views=views, lr_scale=scale, desc="fine-tune",
-                            eval_at_start=init == "probe")
+    tuned, val = train_classifier(model, ids, labels, cfg, views=views, lr_scale=scale, desc="fine-tune",
+                                  eval_at_start=init == "probe")
+    if refit:
+        refit_linear_head(tuned, ids, labels, hw, grid, cfg)
+    return tuned, val
+
+
+def refit_linear_head(model: FineTuneClassifier, ids: torch.Tensor, labels, hw: tuple[int, int] | None,
+                      grid: int, cfg: HeadTrainConfig) -> FineTuneClassifier:
+    """Give a fine-tuned classifier a fresh linear head fitted on every labelled row ``ids`` ``[N, T]``.
+
+    Fine-tuning holds out ``cfg.val_fraction`` of the labels to choose its weights, so its head never
+    learns from them, while the linear probe it is compared with refits on all of them; with the
+    backbone fixed, a linear probe on its ``grid``-pooled states (L2 chosen on a split of these same
+    rows) uses every label. Test images play no part. Modifies and returns ``model``.
+    """
+    from lvm.classifier import LinearHead
+    from lvm.probe import LinearProbe, extract_features
+
+    hw = hw or _square(ids.shape[1])
+    labels = torch.as_tensor(labels).long()
+    feats = extract_features(model.backbone, ids.reshape(len(ids), *hw), model.special, model.layer, "grid", grid,
+                             precision=cfg.precision)
+    probe = LinearProbe.fit(feats, labels, seed=cfg.seed, classes=int(labels.max()) + 1)
+    model.classifier = LinearHead.from_probe(probe, "grid", grid, hw, model.backbone.config.d_model)
+    return model.eval()
+
+
+def _square(tokens: int) -> tuple[int, int]:
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise ValueError(f"fine_tune: {tokens} tokens per image is not a square grid; pass hw=(h, w).")
+    return side, side
 
 
 def backbone_lr_scales(backbone: LVM, layer: int, cfg: HeadTrainConfig) -> dict[int, float]:
@@ -316,11 +350,7 @@ def _probe_head(lvm: LVM, ids: torch.Tensor, labels: torch.Tensor, layer: int, s
     from lvm.classifier import LinearHead
     from lvm.probe import LinearProbe, extract_features
 
-    if hw is None:
-        side = math.isqrt(ids.shape[1])
-        if side * side != ids.shape[1]:
-            raise ValueError(f"fine_tune: {ids.shape[1]} tokens per image is not a square grid; pass hw=(h, w).")
-        hw = (side, side)
+    hw = hw or _square(ids.shape[1])
     tr, _ = split_rows(len(ids), cfg)  # the validation rows stay unseen by the probe too
     feats = extract_features(lvm, ids[tr].reshape(len(tr), *hw), special, layer, "grid", grid,
                              precision=cfg.precision)

@@ -108,6 +108,24 @@ def test_lpft_starts_from_the_probe_and_never_ends_below_it_on_validation(tiny):
         fine_tune(model, flat[:90], y[:90], layer=1, special=special, cfg=cfg, init="zeros")
 
 
+def test_refit_fits_the_head_on_every_labelled_row_after_choosing_the_backbone(tiny):
+    """The wrecking learning rate again keeps the initial backbone; with ``refit`` the head must then be the
+    linear probe of all 90 labelled rows (validation rows included), not of the 81 training rows."""
+    model, ids, y, special = tiny["model"], tiny["ids"], tiny["labels"], tiny["special"]
+    flat = ids.reshape(120, -1).long()
+    cfg = HeadTrainConfig(epochs=10, max_steps=6, batch_size=16, lr=50.0, backbone_lr_scale=1.0, evals=3)
+    clf, _ = fine_tune(model, flat[:90], y[:90], layer=1, special=special, cfg=cfg, init="probe", hw=ids.shape[1:],
+                       refit=True)
+    every = LinearProbe.fit(extract_features(model, ids[:90], special, 1, "grid", 3), y[:90], seed=cfg.seed, classes=3)
+    tr, _ = split_rows(90, cfg)
+    part = LinearProbe.fit(extract_features(model, ids[:90][tr], special, 1, "grid", 3), y[:90][tr], seed=cfg.seed,
+                           classes=3)
+    assert torch.allclose(clf.classifier.linear.weight, every.weight)
+    assert not torch.allclose(clf.classifier.linear.weight, part.weight)
+    expected = every.predict(extract_features(model, ids[90:], special, 1, "grid", 3))
+    assert torch.equal(clf(flat[90:]).argmax(1), expected)
+
+
 def _where_task(n, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 9, 16, generator=g)
