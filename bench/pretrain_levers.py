@@ -56,6 +56,10 @@ LEVERS: dict[str, dict] = {
     "lvm_x3": {"lvm_steps": 3 * LVM_STEPS, "why": "3x the LVM steps (3x the compute: the scaling curve)"},
     "ood_skimage": {"data": "skimage-crops", "why": "the same recipe pretrained on scikit-image crops "
                                                      "(28 px grey): out of domain"},
+    # beyond equal compute: the grid that won, given the steps that won (its tokenizer and shards, 3x its steps)
+    "grid14_x3": {"base": "grid14", "lvm_steps": 3 * 120, "probe": ["--layers", "6"],
+                  "why": "grid14 with 3x its LVM steps (3x the baseline's compute; its tokenizer and shards; "
+                         "probed at layer 6 like grid14)"},
 }
 
 
@@ -77,11 +81,16 @@ def own_tokenizer(name: str) -> bool:
     return name == "baseline" or any(k in lever for k in ("tok", "tokenizer_steps", "data"))
 
 
+def tokens_from(name: str) -> str:
+    """The lever whose tokenizer and shards ``name`` uses: its own, its ``base`` lever's, or the baseline's."""
+    return name if own_tokenizer(name) else LEVERS[name].get("base", "baseline")
+
+
 def commands(name: str, out: Path, threads: int, probe_images: int) -> list[tuple[str, list[str]]]:
     """(stage, argv) of one lever's run, in order; a stage is skipped when its output exists."""
     lever = LEVERS[name]
     run, data = out / name, lever.get("data", "fashion-mnist")
-    base = run if own_tokenizer(name) else out / "baseline"
+    base = out / tokens_from(name)
     tok, tokens, lvm = base / "tokenizer", base / "tokens", run / "lvm"
     shape = ["--image-size", "28", "--channels", "1"] if data != "fashion-mnist" else []
     cmds = []
@@ -120,8 +129,9 @@ def done(stage: str, run: Path) -> bool:
 
 
 def run_lever(name: str, out: Path, threads: int, probe_images: int) -> None:
-    if not own_tokenizer(name) and not done("tokens/test", out / "baseline"):  # its shards come from there
-        run_stages("baseline", out, threads, probe_images, ("tokenizer", "tokens/train", "tokens/test"))
+    source = tokens_from(name)
+    if source != name and not done("tokens/test", out / source):  # its shards come from there
+        run_stages(source, out, threads, probe_images, ("tokenizer", "tokens/train", "tokens/test"))
     run_stages(name, out, threads, probe_images)
 
 
@@ -149,7 +159,7 @@ def row(name: str, out: Path, threads: int, probe_images: int) -> dict | None:
         return None
     probe = json.loads((run / "probe10" / "probe.json").read_text())
     lin = next(r for r in probe["rows"] if r["method"] == "linear")
-    tok = json.loads(((run if own_tokenizer(name) else out / "baseline") / "tokenizer" / "eval.json").read_text())
+    tok = json.loads((out / tokens_from(name) / "tokenizer" / "eval.json").read_text())
     metrics = [json.loads(line) for line in (run / "lvm" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     summary = {"steps": max(m["step"] for m in metrics),
                "eval_loss": next((m["eval_loss"] for m in reversed(metrics) if "eval_loss" in m), None)}

@@ -32,9 +32,10 @@ def test_lever_commands_parse(name):
     if "tokenizer" in stages:  # its own tokenizer and shards
         assert {"tokens/train", "tokens/test"} <= set(stages)
         assert stages["probe10"]["tokenizer"] == stages["tokenizer"]["out_dir"] == stages["tokens/train"]["tokenizer"]
-    else:  # an LVM-only lever pretrains on the baseline's shards, so the tokenizer is not a second change
-        assert stages["lvm"]["data"] == "/x/baseline/tokens/train"
-        assert stages["probe10"]["tokenizer"] == "/x/baseline/tokenizer"
+    else:  # an LVM-only lever pretrains on its base's shards (the baseline's), so the tokenizer is not a second change
+        base = LEVERS[name].get("base", "baseline")
+        assert stages["lvm"]["data"] == f"/x/{base}/tokens/train"
+        assert stages["probe10"]["tokenizer"] == f"/x/{base}/tokenizer"
 
 
 def test_levers_change_only_their_lever():
@@ -55,6 +56,9 @@ def test_levers_change_only_their_lever():
     assert changed("lvm_x3", "lvm") == {"steps": 3 * 106}
     assert changed("ood_skimage", "tokenizer") == {"data": "skimage-crops", "image_size": 28, "channels": 1}
     assert changed("ood_skimage", "probe10") == {}
+    grid14, x3 = _parsed("grid14"), _parsed("grid14_x3")  # on grid14's tokenizer: only the steps differ from it
+    assert "tokenizer" not in x3 and x3["lvm"]["data"] == "/x/grid14/tokens/train"
+    assert {k: v for k, v in x3["lvm"].items() if grid14["lvm"][k] != v and "/x/" not in str(v)} == {"steps": 360}
 
 
 def test_commands_are_printable_and_reparse():
@@ -70,3 +74,7 @@ def test_an_lvm_only_lever_first_makes_the_baselines_shards(tmp_path, monkeypatc
     pl.run_lever("lvm_x3", tmp_path, 1, 6000)
     assert calls[:3] == [["lvm", "tokenizer-train"], ["lvm", "tokenize"], ["lvm", "tokenize"]]
     assert calls[3:] == [["lvm", "train"], ["lvm", "probe"]]  # and not the baseline's own LVM
+    calls.clear()
+    pl.run_lever("grid14_x3", tmp_path, 1, 6000)  # makes grid14's tokenizer and shards, not the baseline's
+    assert calls[0] == ["lvm", "tokenizer-train"] and (tmp_path / "grid14").is_dir()
+    assert not (tmp_path / "grid14" / "lvm").exists() and calls[3:] == [["lvm", "train"], ["lvm", "probe"]]
