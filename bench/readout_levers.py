@@ -28,6 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--cache", default="", help="token ids of train/test (.pt) as written by bench.finetune_levers")
     p.add_argument("--out", default=str(RESULTS / "readout-levers-cpu"))
+    p.add_argument("--only", nargs="*", default=[], help="run only the read-outs whose name starts with one of these "
+                                                         "(e.g. 'layers'); rows of --out's JSON not re-run are kept")
     return p.parse_args(argv)
 
 
@@ -69,6 +71,8 @@ def main(argv=None) -> None:
         f"layers 2-{n}, grid 3x3": [(i, "grid", 3) for i in range(2, n + 1)],
         f"layers 0+{n - 1}, grid 3x3": [(0, "grid", 3), (n - 1, "grid", 3)],
     }
+    if args.only:
+        readouts = {k: v for k, v in readouts.items() if k.startswith(tuple(args.only))}
     y_train, y_test = torch.from_numpy(train.labels), torch.from_numpy(test.labels)
     rows = []
     for name, parts in readouts.items():
@@ -85,22 +89,37 @@ def main(argv=None) -> None:
                    "acc_std": float(np.std(accs)), "seeds": args.seeds, "fit_seconds": round(time.time() - tic, 1)}
             print(json.dumps(row), flush=True)
             rows.append(row)
+    command = (f"python -m bench.readout_levers --checkpoint {args.checkpoint} --fractions "
+               f"{' '.join(map(str, args.fractions))} --seeds {args.seeds}"
+               + (f" --only {' '.join(args.only)}" if args.only else ""))
     meta = {"checkpoint": str(ckpt), "cpu": cpu_model(), "amx": cpu_has_fast_bf16(), "threads": torch.get_num_threads(),
-            "feature_seconds": round(feature_s, 1),
-            "command": f"python -m bench.readout_levers --checkpoint {args.checkpoint} --fractions "
-                       f"{' '.join(map(str, args.fractions))} --seeds {args.seeds}"}
-    write_results(Path(args.out), meta, rows, args.fractions)
+            "feature_seconds": round(feature_s, 1), "command": command}
+    write_results(Path(args.out), meta, merged(Path(args.out), rows, meta), args.fractions)
+
+
+def merged(out: Path, rows: list[dict], meta: dict) -> list[dict]:
+    """``rows`` after the rows of ``out``.json that they do not re-run (same read-out and fraction), each row
+    carrying the command that made it, so a partial run adds to the table instead of replacing it."""
+    for r in rows:
+        r["command"] = meta["command"]
+    old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {"rows": []}
+    fresh = {(r["readout"], r["fraction"]) for r in rows}
+    kept = [{"command": old.get("meta", {}).get("command", ""), **r} for r in old["rows"]
+            if (r["readout"], r["fraction"]) not in fresh]
+    return kept + rows
 
 
 def write_results(out: Path, meta: dict, rows: list[dict], fractions: list[float]) -> None:
     """``out``.json (meta + rows) and ``out``.md (one line per read-out, one column per fraction)."""
     seeds = rows[0]["seeds"] if rows else 0
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    commands = list(dict.fromkeys(r.get("command", meta["command"]) for r in rows))
     lines = ["# Linear-probe read-out levers (issue #14, item 3)", "",
-             f"`{meta['command']}`", "",
+             "Commands: " + "; ".join(f"`{c}`" for c in commands), "",
              f"Checkpoint `{meta['checkpoint']}`; CPU: {meta['cpu']}, AMX {'yes' if meta['amx'] else 'no'}. "
              f"Test accuracy % on the whole Fashion-MNIST test set, mean ± std over {seeds} class-balanced label "
              "subsets (the probe's L2 chosen on a split of each subset). Layer 0 is the token embedding.", "",
+             *([meta["note"], ""] if meta.get("note") else []),
              "| read-out | dim | " + " | ".join(f"{100 * f:g} % labels" for f in fractions) + " |",
              "|---|---|" + "---|" * len(fractions)]
     for name in dict.fromkeys(r["readout"] for r in rows):
