@@ -52,6 +52,7 @@ class ClassifierTrainConfig:
     flip: bool = _PROBE.flip  # fine-tuning: horizontally flipped images as augmentation
     finetune_views: int = _PROBE.finetune_views  # fine-tuning: augmented views per image (flips + translations)
     finetune_init: str = _PROBE.finetune_init  # fine-tuning head: "probe" (LP-FT: a fitted linear probe) or "attentive"
+    finetune_refit: bool = _PROBE.finetune_refit  # LP-FT: once the weights are chosen on validation, refit the head on every label
     batch_size: int = _PROBE.batch_size  # feature extraction
     precision: str = _PROBE.precision  # fitting: auto (bf16 on CUDA and AMX CPUs), bf16, fp32; the bundle runs fp32
     seed: int = _PROBE.seed
@@ -172,6 +173,7 @@ def _fit_head(cfg: ClassifierTrainConfig, model, ids: torch.Tensor, labels: np.n
                                 batch_size=cfg.head_batch_size, lr=cfg.head_lr if attentive else cfg.finetune_lr,
                                 precision=cfg.precision, seed=cfg.seed)
     n_val = max(1, int(round(len(y) * train_cfg.val_fraction))) if len(y) >= 10 else 0
+    refit = not attentive and cfg.finetune_refit and cfg.finetune_init == "probe"
     if attentive:
         tokens = extract_features(model, ids, special, layer, "tokens", batch_size=cfg.batch_size,
                                   precision=cfg.precision)  # [N, T, D]
@@ -180,9 +182,12 @@ def _fit_head(cfg: ClassifierTrainConfig, model, ids: torch.Tensor, labels: np.n
     else:
         flat = ids.reshape(len(ids), -1).long()  # [N, T]
         tuned, val = fine_tune(model, flat, y, layer, special, train_cfg, views=views, init=cfg.finetune_init, hw=hw,
-                               grid=cfg.grid)
+                               grid=cfg.grid, refit=refit)
         lvm, head = tuned.backbone, tuned.classifier
-    return lvm, head, {"val_accuracy": val, "val_images": n_val}
+    metrics = {"val_accuracy": val, "val_images": n_val}
+    if refit:  # the validation images chose the LVM's weights, then the head learnt from them too
+        metrics["head_refit_on_all_images"] = True
+    return lvm, head, metrics
 
 
 def _probe_config(cfg: ClassifierTrainConfig) -> ProbeConfig:

@@ -82,6 +82,7 @@ class ProbeConfig:
     flip: bool = True  # fine-tuning: horizontally flipped images as augmentation
     finetune_views: int = 0  # fine-tuning: augmented views per image (random flips + translations); 0: the mirror only
     finetune_init: str = "probe"  # fine-tuning head: a fitted linear probe ("probe": LP-FT) or a fresh "attentive" head
+    finetune_refit: bool = True  # LP-FT: once the weights are chosen on validation, refit the linear head on every label
     finetune_layer_decay: float = 1.0  # fine-tuning: block i of L at lr x decay ** (L - i)
     finetune_train_blocks: int = 0  # fine-tuning: train only the top k blocks (0: all)
     finetune_mixup: float = 0.0  # fine-tuning: Beta(a, a) mixup of the head's input features (0: off)
@@ -472,7 +473,8 @@ def head_efficiency(
             train_cfg = replace(train_cfg, layer_decay=cfg.finetune_layer_decay, train_blocks=cfg.finetune_train_blocks,
                                 mixup=cfg.finetune_mixup, ema=cfg.finetune_ema)
             clf, val = fine_tune(lvm, x_train[idx], y_train_t[idx], layer, special, train_cfg,
-                                 views=None if views is None else views(idx.numpy(), s), init=cfg.finetune_init, hw=hw)
+                                 views=None if views is None else views(idx.numpy(), s), init=cfg.finetune_init, hw=hw,
+                                 grid=cfg.grid, refit=cfg.finetune_refit and cfg.finetune_init == "probe")
         return accuracy(clf, x_test, y_test_t, cfg.precision), val
 
     return _curve(name, method, y_train, cfg.fractions, cfg.seeds, cfg.seed, int(x_train.shape[-1]), fit_score,

@@ -221,6 +221,8 @@ def test_attentive_and_finetuned_bundles(method, init, head_kind, tiny_pipeline,
     clf = Classifier.from_pretrained(out)
     assert clf.info["method"] == method and clf.layer == 2
     assert json.loads((out / "head" / "head.json").read_text())["kind"] == head_kind  # LP-FT keeps a linear head
+    # LP-FT's head is refitted on every labelled image once the LVM's weights are chosen (the default), and says so
+    assert clf.info["metrics"].get("head_refit_on_all_images", False) == (method == "finetune" and init == "probe")
     _, probs = clf.predict(_files(labelled_folder, 4))
     assert probs.shape == (4, 3) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
     assert clf.embed(_files(labelled_folder, 2)).shape == (2, 64 if head_kind == "attentive" else 64 * 9)
