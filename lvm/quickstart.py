@@ -32,8 +32,8 @@ from tokenizer.atomic import write_json_atomic, write_text_atomic
 from tokenizer.splits import write_split_record
 
 MAX_TOKENIZER_STEPS = 1000  # 1000 steps: 23.6 dB; more adds little
-MAX_LVM_STEPS = 1500  # 4 epochs of Fashion-MNIST; probes gained +0.6 point at 10 % labels over 500 steps
-LVM_WARMUP = 50  # a 30-minute budget on an fp32 CPU buys ~100-150 steps; a 100-step warmup would be most of them
+MAX_LVM_STEPS = 3000  # 4 epochs of Fashion-MNIST at 8 rows a step (1500 at 16 rows gained +0.6 point at 10 % labels over 500)
+LVM_WARMUP = 50  # a 30-minute budget on a 2-core fp32 CPU buys ~400 steps of 8 rows; a long warmup would waste them
 TOKENIZER_SHARE = 0.2  # of the time left for the two trained stages; the LVM gets the rest
 # Probe-stage cost model, measured in a full run on a 2-core AMD EPYC (no AMX, fp32), where the probes
 # took 1263 s of 1984 (layer 6 chosen): per probed model, features of 5000 (layer sweep) + 70k images
@@ -64,14 +64,14 @@ class QuickstartConfig:
     unlabeled: list[str] = field(default_factory=list)  # more image folders/files the tokenizer and LVM pretrain on
     image_size: int = 0  # 0 = the images' size (mixed sizes: the most common, stated in the report)
     channels: int = 0  # 0 = the images' (grey if all are grey, else RGB)
-    grid: int = 0  # tokens per side; 0 = at most 8 (7x7 for 28 px)
+    grid: int = 0  # tokens per side; 0 = at most 8 (7x7 for 28 px; 14x14 probes better but costs 4.7x per image: grid-cost-cpu.md)
     on_error: str = "fail"  # unreadable image files: fail, or skip them (counted in the report)
     fast: bool = False  # a smoke run of about a minute (subset, tiny sizes, fixed steps)
     time_budget: float = 30.0  # minutes for the whole run, split over the stages from measured speeds; 0 = none
     preset: str = "small"  # LVM size for the default run
     tokenizer_steps: int = 0  # 0 -> as many as fit the budget, at most 1000; N -> exactly N
-    lvm_steps: int = 0  # 0 -> as many as fit the budget, at most 1500; N -> exactly N
-    lvm_batch_size: int = 16
+    lvm_steps: int = 0  # 0 -> as many as fit the budget, at most 3000; N -> exactly N
+    lvm_batch_size: int = 8  # rows per step: at equal tokens 8 beat 16 (+0.7 point at 10 % labels, bench/results/pretrain-levers-cpu.md)
     lvm_lr: float = 2e-3
     context_len: int = 512  # tokens per training row, rounded down to whole sentences (10 of 51 for 28 px)
     compile: str = "auto"  # torch.compile the LVM: auto (where bf16 is fast: 1.55x steps on AMX, 1.04x in fp32 on an AMD EPYC), yes, no
