@@ -5,7 +5,8 @@
 
 Every lever is the default quickstart recipe (tokenizer, tokenize, LVM pretraining on Fashion-MNIST
 train) with one thing changed, at the *compute* of the default 30-minute run on a 2-core fp32 CPU
-(tokenizer 176 steps of 128 images, LVM 106 steps of 16 x 510 tokens): a lever that costs more per
+(tokenizer 176 steps of 128 images, LVM 106 steps of 16 x 510 tokens, as measured in session 5; the
+quickstart has trained on 8 rows a step since ``batch8`` won): a lever that costs more per
 step gets fewer steps, so every row answers "is this a better use of the same CPU time". Step counts
 are fixed rather than timed, so runs may share the machine without changing what they train.
 
@@ -38,7 +39,8 @@ LVM_STEP_S = 3.34  # 353.9 s / 106 steps in that run
 # name -> what changes. tok / train: extra CLI flags; *_steps: step counts; pairs: a transform whose tokens
 # sit beside each image in one sentence; data: the pretraining source.
 LEVERS: dict[str, dict] = {
-    "baseline": {"why": "the default quickstart recipe: 7x7 FSQ tokens, small (6 x 256), single images"},
+    "baseline": {"why": "the default quickstart recipe of session 5: 7x7 FSQ tokens, small (6 x 256), 16 rows a step, "
+                        "single images"},
     "grid14": {"tok": ["--grid", "14"], "lvm_steps": 120, "probe": ["--layers", "6"],
                "why": "14x14 tokens per image (rows of 2 sentences = 396 tokens: 120 steps cost the baseline's 106; "
                       "1/5 of the images per step); probed at layer 6 (the baseline's pick) without the sweep, "
@@ -177,6 +179,7 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
     from lvm.runtime import cpu_has_fast_bf16, cpu_model
 
     base = next((r["test_acc"] for r in rows if r["lever"] == "baseline"), None)
+    notes = args.note or kept_notes(Path(args.results))
     lines = [
         "# Pretraining levers at the default run's compute, linear probe at 10 % labels (issue #14, item 3)", "",
         f"CPU: {cpu_model()}, AMX {'yes' if cpu_has_fast_bf16() else 'no'} (runs may have shared it: step counts are fixed, so accuracies do not depend on "
@@ -184,7 +187,7 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
         f"Probe: linear, layer from the probe's sweep, {args.probe_images:,} labelled Fashion-MNIST training images "
         "(10 %), scored on the 10,000 test images no stage saw; one label subset, so differences under ~0.5 point "
         "are noise. Eval loss is per token on held-out images of the lever's own tokens (not comparable across "
-        "grids, sentence kinds or domains).", "", *[line for n in args.note for line in (n, "")],
+        "grids, sentence kinds or domains).", "", *[line for n in notes for line in (n, "")],
         "| lever | what changes | grid | tokenizer steps (PSNR dB) | LVM steps | eval loss | layer | test % | vs baseline |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -197,9 +200,15 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
     lines += ["", f"Commands of each row, in order (`--out {DEFAULT_OUT}`, `OMP_NUM_THREADS` = the threads given):", ""]
     for r in rows:
         lines += [f"- {r['lever']}:", *[f"  - `{c}`" for c in r["commands"]]]
-    write_results(args.results, {"cpu": cpu_model(), "probe_images": args.probe_images, "notes": args.note,
+    write_results(args.results, {"cpu": cpu_model(), "probe_images": args.probe_images, "notes": notes,
                                  "rows": rows},
                   "\n".join(lines) + "\n")
+
+
+def kept_notes(results: Path) -> list[str]:
+    """The hand-written notes of the results file already there: a run without ``--note`` keeps them."""
+    path = results.with_suffix(".json")
+    return json.loads(path.read_text()).get("notes", []) if path.exists() else []
 
 
 def main(argv=None) -> None:

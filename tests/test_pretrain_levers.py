@@ -78,3 +78,17 @@ def test_an_lvm_only_lever_first_makes_the_baselines_shards(tmp_path, monkeypatc
     pl.run_lever("grid14_x3", tmp_path, 1, 6000)  # makes grid14's tokenizer and shards, not the baseline's
     assert calls[0] == ["lvm", "tokenizer-train"] and (tmp_path / "grid14").is_dir()
     assert not (tmp_path / "grid14" / "lvm").exists() and calls[3:] == [["lvm", "train"], ["lvm", "probe"]]
+
+
+def test_a_report_without_notes_keeps_the_notes_already_written(tmp_path):
+    import json
+
+    from bench.pretrain_levers import parse_args, report
+
+    results = str(tmp_path / "levers")
+    report([], parse_args(["--results", results, "--note", "Findings: grid14 wins."]))
+    report([], parse_args(["--results", results]))  # e.g. a lever run afterwards
+    assert json.loads((tmp_path / "levers.json").read_text())["notes"] == ["Findings: grid14 wins."]
+    assert "Findings: grid14 wins." in (tmp_path / "levers.md").read_text()
+    report([], parse_args(["--results", results, "--note", "Newer."]))  # given notes replace them
+    assert json.loads((tmp_path / "levers.json").read_text())["notes"] == ["Newer."]
