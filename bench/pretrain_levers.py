@@ -37,7 +37,8 @@ TOKENIZER_STEP_S = 0.46  # its measured seconds per step (median), to trade toke
 LVM_STEP_S = 3.34  # 353.9 s / 106 steps in that run
 
 # name -> what changes. tok / train: extra CLI flags; *_steps: step counts; pairs: a transform whose tokens
-# sit beside each image in one sentence; data: the pretraining source.
+# sit beside each image in one sentence; data: the pretraining source; base: the lever whose tokenizer and
+# shards an LVM-only lever trains on (default: the baseline's).
 LEVERS: dict[str, dict] = {
     "baseline": {"why": "the default quickstart recipe of session 5: 7x7 FSQ tokens, small (6 x 256), 16 rows a step, "
                         "single images"},
