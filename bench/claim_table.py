@@ -34,7 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--finetune", default=str(RESULTS / "finetune-levers-cpu.jsonl"),
                    help="bench.finetune_levers rows (the 'lpft' ones are the domain LVM fine-tuned)")
     p.add_argument("--commands", nargs="*", default=[], help="the commands that made the inputs, for the table")
-    p.add_argument("--note", action="append", default=[], help="a paragraph for the report (e.g. the findings)")
+    p.add_argument("--note", action="append", default=[], help="a paragraph for the report (e.g. the findings); "
+                                                               "none given: the report's notes are kept")
     p.add_argument("--out", default=str(RESULTS / "claim-table-cpu"))
     return p.parse_args(argv)
 
@@ -68,7 +69,7 @@ def fraction_to_match(curve: dict[float, float], target: float) -> float | None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from bench.results_io import write_results
+    from bench.results_io import kept_notes, write_results
     from lvm.runtime import cpu_has_fast_bf16, cpu_model
 
     domain = json.loads(Path(args.domain).read_text())
@@ -113,13 +114,14 @@ def main(argv=None) -> None:
                 f"not reached (domain best at 100 %: {100 * best.get(1.0, float('nan')):.1f})"
         table[name] = {"accuracy": {str(f): curve[f] for f in curve}, "domain_matches_at": match}
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {match} |")
-    for note in args.note:
+    notes = args.note or kept_notes(args.out)
+    for note in notes:
         lines += ["", note]
     if args.commands:
         lines += ["", "Commands:", "", *[f"- `{c}`" for c in args.commands]]
     write_results(args.out, {"cpu": cpu_model(), "rows": table, "domain_best": best,
                              "inputs": {"domain": args.domain, "ood": args.ood, "finetune": args.finetune},
-                             "commands": args.commands, "notes": args.note}, "\n".join(lines) + "\n")
+                             "commands": args.commands, "notes": notes}, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -176,11 +176,11 @@ def row(name: str, out: Path, threads: int, probe_images: int) -> dict | None:
 
 def report(rows: list[dict], args: argparse.Namespace) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bench.results_io import write_results
+    from bench.results_io import kept_notes, write_results
     from lvm.runtime import cpu_has_fast_bf16, cpu_model
 
     base = next((r["test_acc"] for r in rows if r["lever"] == "baseline"), None)
-    notes = args.note or kept_notes(Path(args.results))
+    notes = args.note or kept_notes(args.results)  # a lever run keeps the findings
     lines = [
         "# Pretraining levers at the default run's compute, linear probe at 10 % labels (issue #14, item 3)", "",
         f"CPU: {cpu_model()}, AMX {'yes' if cpu_has_fast_bf16() else 'no'} (runs may have shared it: step counts are fixed, so accuracies do not depend on "
@@ -204,12 +204,6 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
     write_results(args.results, {"cpu": cpu_model(), "probe_images": args.probe_images, "notes": notes,
                                  "rows": rows},
                   "\n".join(lines) + "\n")
-
-
-def kept_notes(results: Path) -> list[str]:
-    """The hand-written notes of the results file already there: a run without ``--note`` keeps them."""
-    path = results.with_suffix(".json")
-    return json.loads(path.read_text()).get("notes", []) if path.exists() else []
 
 
 def main(argv=None) -> None:

@@ -99,10 +99,13 @@ def main(argv=None) -> None:
 
 def merged(out: Path, rows: list[dict], meta: dict) -> list[dict]:
     """``rows`` after the rows of ``out``.json that they do not re-run (same read-out and fraction), each row
-    carrying the command that made it, so a partial run adds to the table instead of replacing it."""
+    carrying the command that made it, so a partial run adds to the table instead of replacing it; the
+    table's hand-written note (``meta["note"]``) is kept in ``meta`` too."""
     for r in rows:
         r["command"] = meta["command"]
     old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {"rows": []}
+    if old.get("meta", {}).get("note"):
+        meta.setdefault("note", old["meta"]["note"])
     fresh = {(r["readout"], r["fraction"]) for r in rows}
     kept = [{"command": old.get("meta", {}).get("command", ""), **r} for r in old["rows"]
             if (r["readout"], r["fraction"]) not in fresh]

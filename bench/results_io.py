@@ -16,3 +16,10 @@ def write_results(stem: str | Path, result: dict, markdown: str) -> Path:
     stem.with_suffix(".md").write_text(markdown)
     print(markdown)
     return stem
+
+
+def kept_notes(stem: str | Path) -> list[str]:
+    """The hand-written ``notes`` of the results already at ``stem``.json: a report regenerated without new
+    notes keeps them rather than wiping the findings."""
+    path = Path(stem).with_suffix(".json")
+    return json.loads(path.read_text()).get("notes", []) if path.exists() else []

@@ -24,3 +24,19 @@ def test_curves_keep_only_named_features_and_methods():
     got = curves(probe, {"lvm": "LVM", "raw pixels": "pixels"})
     assert got == {"LVM": {0.1: (0.8, 0.01, 3)}, "LVM, finetune": {0.1: (0.82, 0.0, 3)},
                    "pixels": {1.0: (0.84, 0.0, 1)}}
+
+
+def test_a_table_made_again_without_notes_keeps_its_findings(tmp_path):
+    import json
+
+    from bench.claim_table import main
+
+    probe = {"rows": [{"features": "lvm (layer 5)", "method": "linear", "fraction": f, "acc_mean": a, "runs": 1}
+                      for f, a in ((0.1, 0.8), (1.0, 0.86))]}
+    (tmp_path / "d.json").write_text(json.dumps(probe))
+    args = ["--domain", str(tmp_path / "d.json"), "--ood", str(tmp_path / "d.json"), "--finetune", str(tmp_path / "none"),
+            "--out", str(tmp_path / "claim")]
+    main([*args, "--note", "Findings: the domain LVM wins."])
+    main(args)  # regenerated, e.g. after a new input row
+    assert json.loads((tmp_path / "claim.json").read_text())["notes"] == ["Findings: the domain LVM wins."]
+    assert "Findings: the domain LVM wins." in (tmp_path / "claim.md").read_text()
