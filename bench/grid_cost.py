@@ -65,12 +65,12 @@ def quickstart_plan(grid: int, minutes: float = PLAN_BUDGET_MIN) -> dict:
     """What ``lvm quickstart --grid grid`` on Fashion-MNIST would plan here: the probe stage's predicted
     seconds and labelled training images (a subsample when all would pass half the budget), and the
     seconds the two trained stages share (the LVM gets all but ``TOKENIZER_SHARE`` of them)."""
-    from lvm.quickstart import SLACK_S, TOKENIZER_SHARE, RunShape, measure_speeds, plan_probes
+    from lvm.quickstart import TOKENIZER_SHARE, RunShape, measure_speeds, plan_probes, trained_seconds
 
     shape, total = RunShape(grid=grid), minutes * 60
     measured = measure_speeds("fp32", shape)
     probe_s = plan_probes(measured, shape, total)
-    trained = max(total - measured["tokenize_s"] - probe_s - SLACK_S, 60.0)
+    trained = trained_seconds(total, measured["tokenize_s"] + probe_s)
     return {"budget_s": total, "probe_estimate_s": round(probe_s, 1),
             "probe_train_images": measured.get("probe_train_images", shape.train),
             "pretrain_s": round(trained * (1 - TOKENIZER_SHARE), 1),

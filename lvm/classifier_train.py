@@ -18,7 +18,7 @@ from lvm.checkpoint import load_model_and_tokenizer
 from lvm.classifier import Classifier, LinearHead, head_config, truncate_lvm
 from lvm.data import SpecialTokens
 from lvm.probe import (LINEAR_VAL_FRACTION, METHODS, POOLS, LinearProbe, ProbeConfig, ProbeError, extract_features,
-                       pick_layer)
+                       pick_layer, refits_head)
 from lvm.runtime import check_precision
 from tokenizer.images import ImageSet, load_images
 
@@ -173,7 +173,7 @@ def _fit_head(cfg: ClassifierTrainConfig, model, ids: torch.Tensor, labels: np.n
                                 batch_size=cfg.head_batch_size, lr=cfg.head_lr if attentive else cfg.finetune_lr,
                                 precision=cfg.precision, seed=cfg.seed)
     n_val = max(1, int(round(len(y) * train_cfg.val_fraction))) if len(y) >= 10 else 0
-    refit = not attentive and cfg.finetune_refit and cfg.finetune_init == "probe"
+    refit = not attentive and refits_head(cfg)
     if attentive:
         tokens = extract_features(model, ids, special, layer, "tokens", batch_size=cfg.batch_size,
                                   precision=cfg.precision)  # [N, T, D]

@@ -93,6 +93,12 @@ class ProbeConfig:
     out: str = "runs/probe"
 
 
+def refits_head(cfg: "ProbeConfig") -> bool:
+    """Whether fine-tuning ends by refitting the linear head on every label: LP-FT's last step only (a fresh
+    attentive head has no linear probe to refit). ``cfg``: a ProbeConfig or anything with its finetune_* fields."""
+    return cfg.finetune_refit and cfg.finetune_init == "probe"
+
+
 def run_probe(cfg: ProbeConfig) -> dict:
     """The ``lvm probe`` entry point: writes probe.json, probe.md and label_efficiency.png.
 
@@ -474,7 +480,7 @@ def head_efficiency(
                                 mixup=cfg.finetune_mixup, ema=cfg.finetune_ema)
             clf, val = fine_tune(lvm, x_train[idx], y_train_t[idx], layer, special, train_cfg,
                                  views=None if views is None else views(idx.numpy(), s), init=cfg.finetune_init, hw=hw,
-                                 grid=cfg.grid, refit=cfg.finetune_refit and cfg.finetune_init == "probe")
+                                 grid=cfg.grid, refit=refits_head(cfg))
         return accuracy(clf, x_test, y_test_t, cfg.precision), val
 
     return _curve(name, method, y_train, cfg.fractions, cfg.seeds, cfg.seed, int(x_train.shape[-1]), fit_score,

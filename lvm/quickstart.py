@@ -241,6 +241,12 @@ def use_compile(cfg: QuickstartConfig) -> bool:
     return cfg.precision != "fp32" and bf16_is_fast(device)
 
 
+def trained_seconds(left_s: float, fixed_s: float) -> float:
+    """Seconds the trained stages (tokenizer, then LVM) share: what is left of the budget after the untrained
+    stages' estimates and the slack; never below a minute, as each stage must run."""
+    return max(left_s - fixed_s - SLACK_S, 60.0)
+
+
 class Budget:
     """The run's time plan and record (``budget.json``): each stage's share, time and step count.
 
@@ -283,8 +289,8 @@ class Budget:
         tokenizer, its fraction of that); 0 when the run has no budget."""
         if self.total_s <= 0:
             return 0.0
-        fixed = sum(v.get("estimate_s", 0.0) for k, v in self.stages.items() if "seconds" not in v) + SLACK_S
-        left = max(self.total_s - self.spent_s - fixed, 60.0)  # never below a minute: the stage must run
+        fixed = sum(v.get("estimate_s", 0.0) for k, v in self.stages.items() if "seconds" not in v)
+        left = trained_seconds(self.total_s - self.spent_s, fixed)
         seconds = left * TOKENIZER_SHARE if stage == "tokenizer" else left
         self.stages[stage]["share_s"] = round(seconds, 1)
         self.save()
