@@ -32,7 +32,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--domain", required=True, help="probe.json of the domain LVM (its quickstart's probe stage)")
     p.add_argument("--ood", required=True, help="probe.json of the out-of-domain LVM, with --baselines --supervised")
     p.add_argument("--finetune", default=str(RESULTS / "finetune-levers-cpu.jsonl"),
-                   help="bench.finetune_levers rows (the 'lpft' ones are the domain LVM fine-tuned)")
+                   help="bench.finetune_levers rows (the 'lpft' and 'lpft+refit' ones are the domain LVM fine-tuned)")
+    p.add_argument("--finetune-checkpoint", default="",
+                   help="what the fine-tuning rows' checkpoint is, when it is not --domain's (e.g. 'session-5 checkpoint')")
+    p.add_argument("--earlier-domain", default="",
+                   help="probe.json of that checkpoint: its linear row sits beside the fine-tuning rows made on it")
     p.add_argument("--commands", nargs="*", default=[], help="the commands that made the inputs, for the table")
     p.add_argument("--note", action="append", default=[], help="a paragraph for the report (e.g. the findings); "
                                                                "none given: the report's notes are kept")
@@ -50,6 +54,32 @@ def curves(probe: dict, rename: dict[str, str]) -> dict[str, dict[float, tuple[f
             continue
         key = f"{key}, {r['method']}" if r["method"] not in ("linear", "supervised") else key
         out.setdefault(key, {})[float(r["fraction"])] = (r["acc_mean"], r.get("acc_std", 0.0), r.get("runs", 1))
+    return out
+
+
+def finetune_curves(ft_rows: list[dict]) -> dict[str, dict[float, tuple[float, float, int]]]:
+    """LP-FT and LP-FT + refit curves ``{name: {fraction: (mean, std, runs)}}`` over the label subsets
+    ``bench.finetune_levers`` ran; a refit row also scores its LP-FT run before the refit, which counts as an
+    LP-FT run of that subset (as in that bench's own report)."""
+    runs: dict[str, dict[float, dict[int, float]]] = {"LP-FT": {}, "LP-FT + head refit": {}}
+    for r in ft_rows:
+        f, subset = float(r["fraction"]), int(r.get("subset") or 0)
+        if r["lever"] == "lpft":
+            runs["LP-FT"].setdefault(f, {})[subset] = r["test_acc"]
+        elif r["lever"] == "lpft+refit":
+            runs["LP-FT + head refit"].setdefault(f, {})[subset] = r["test_acc"]
+            if "test_acc_before_refit" in r:
+                runs["LP-FT"].setdefault(f, {})[subset] = r["test_acc_before_refit"]
+    out = {}
+    for name, by_fraction in runs.items():
+        curve = {}
+        for f, accs in sorted(by_fraction.items()):
+            vals = list(accs.values())
+            mean = sum(vals) / len(vals)
+            std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+            curve[f] = (mean, std, len(vals))
+        if curve:
+            out[name] = curve
     return out
 
 
@@ -77,9 +107,12 @@ def main(argv=None) -> None:
     rows = curves(domain, {"lvm": "domain LVM (Fashion-MNIST), linear"})
     ft = [json.loads(line) for line in Path(args.finetune).read_text().splitlines() if line.strip()] \
         if Path(args.finetune).exists() else []
-    lpft = {float(r["fraction"]): (r["test_acc"], 0.0, 1) for r in ft if r["lever"] == "lpft"}
-    if lpft:
-        rows["domain LVM (Fashion-MNIST), LP-FT fine-tuning"] = lpft
+    earlier = f" ({args.finetune_checkpoint})" if args.finetune_checkpoint else ""
+    if args.earlier_domain:
+        rows.update(curves(json.loads(Path(args.earlier_domain).read_text()),
+                           {"lvm": f"domain LVM{earlier}, linear"}))
+    for method, curve in finetune_curves(ft).items():
+        rows[f"domain LVM{earlier}, {method} fine-tuning"] = curve
     rows.update(curves(ood, {"lvm": "out-of-domain LVM (skimage crops), linear", "supervised": "supervised CNN",
                              "raw pixels": "raw pixels"}))
     fractions = sorted({f for curve in rows.values() for f in curve})

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from bench.claim_table import curves, fraction_to_match
+from bench.claim_table import curves, finetune_curves, fraction_to_match
 
 
 def test_fraction_to_match_interpolates_in_log_fraction():
@@ -40,3 +40,17 @@ def test_a_table_made_again_without_notes_keeps_its_findings(tmp_path):
     main(args)  # regenerated, e.g. after a new input row
     assert json.loads((tmp_path / "claim.json").read_text())["notes"] == ["Findings: the domain LVM wins."]
     assert "Findings: the domain LVM wins." in (tmp_path / "claim.md").read_text()
+
+
+def test_finetune_rows_average_over_subsets_and_refit_rows_count_their_lpft_score():
+    ft = [{"lever": "lpft", "fraction": 0.1, "test_acc": 0.80},  # subset 0 (rows from before subsets were recorded)
+          {"lever": "lpft+refit", "fraction": 0.1, "subset": 1, "test_acc": 0.84, "test_acc_before_refit": 0.82},
+          {"lever": "lpft+refit", "fraction": 0.1, "subset": 2, "test_acc": 0.86, "test_acc_before_refit": 0.84},
+          {"lever": "linear", "fraction": 0.1, "subset": 1, "test_acc": 0.5},  # not fine-tuning: left out
+          {"lever": "lpft", "fraction": 1.0, "test_acc": 0.9}]
+    got = finetune_curves(ft)
+    assert set(got) == {"LP-FT", "LP-FT + head refit"}
+    mean, std, runs = got["LP-FT"][0.1]
+    assert (mean, runs) == (pytest.approx(0.82), 3) and std == pytest.approx(0.02)
+    assert got["LP-FT + head refit"][0.1] == (pytest.approx(0.85), pytest.approx(math.sqrt(2) * 0.01), 2)
+    assert got["LP-FT"][1.0] == (0.9, 0.0, 1) and 1.0 not in got["LP-FT + head refit"]
