@@ -59,6 +59,15 @@ LEVERS: dict[str, dict] = {
     "lvm_x3": {"lvm_steps": 3 * LVM_STEPS, "why": "3x the LVM steps (3x the compute: the scaling curve)"},
     "ood_skimage": {"data": "skimage-crops", "why": "the same recipe pretrained on scikit-image crops "
                                                      "(28 px grey): out of domain"},
+    # the tokenizer's vocabulary (FSQ level sets of the FSQ paper for ~2^12 and ~2^14 codes; VQ at 2^12): more bits
+    # per token, paid for with LVM steps, as a bigger head costs 1.15x / 1.69x the baseline's step (measured side by
+    # side, 1 thread, 16 x 510 tokens: 7.49 / 11.03 s vs 6.52 s)
+    "fsq_4k": {"tok": ["--fsq-levels", "7,5,5,5,5"], "lvm_steps": round(LVM_STEPS / 1.15),
+               "why": "FSQ levels 7,5,5,5,5 (4,375 codes instead of 1,000)"},
+    "fsq_16k": {"tok": ["--fsq-levels", "8,8,8,6,5"], "lvm_steps": round(LVM_STEPS / 1.69),
+                "why": "FSQ levels 8,8,8,6,5 (15,360 codes)"},
+    "vq_4k": {"tok": ["--quantizer", "vq", "--codebook-size", "4096"], "lvm_steps": round(LVM_STEPS / 1.15),
+              "why": "VQ with 4,096 codes (k-means init, dead-code replacement) instead of FSQ"},
     # beyond equal compute: the grid that won, given the steps that won (its tokenizer and shards, 3x its steps)
     "grid14_x3": {"base": "grid14", "lvm_steps": 3 * 120, "probe": ["--layers", "6"],
                   "why": "grid14 with 3x its LVM steps (3x the baseline's compute; its tokenizer and shards; "
