@@ -33,10 +33,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ood", required=True, help="probe.json of the out-of-domain LVM, with --baselines --supervised")
     p.add_argument("--finetune", default=str(RESULTS / "finetune-levers-cpu.jsonl"),
                    help="bench.finetune_levers rows (the 'lpft' and 'lpft+refit' ones are the domain LVM fine-tuned)")
-    p.add_argument("--finetune-checkpoint", default="",
-                   help="what the fine-tuning rows' checkpoint is, when it is not --domain's (e.g. 'session-5 checkpoint')")
-    p.add_argument("--earlier-domain", default="",
-                   help="probe.json of that checkpoint: its linear row sits beside the fine-tuning rows made on it")
+    p.add_argument("--current", default="",
+                   help="probe.json of a later default recipe's checkpoint: shown, but not in the matched comparison "
+                        "(the other rows share --domain's pretraining compute)")
+    p.add_argument("--current-label", default="current default LVM (Fashion-MNIST), linear")
     p.add_argument("--commands", nargs="*", default=[], help="the commands that made the inputs, for the table")
     p.add_argument("--note", action="append", default=[], help="a paragraph for the report (e.g. the findings); "
                                                                "none given: the report's notes are kept")
@@ -61,15 +61,15 @@ def finetune_curves(ft_rows: list[dict]) -> dict[str, dict[float, tuple[float, f
     """LP-FT and LP-FT + refit curves ``{name: {fraction: (mean, std, runs)}}`` over the label subsets
     ``bench.finetune_levers`` ran; a refit row also scores its LP-FT run before the refit, which counts as an
     LP-FT run of that subset (as in that bench's own report)."""
-    runs: dict[str, dict[float, dict[int, float]]] = {"LP-FT": {}, "LP-FT + head refit": {}}
+    runs: dict[str, dict[float, dict[int, float]]] = {"LP-FT fine-tuning": {}, "LP-FT fine-tuning + head refit": {}}
     for r in ft_rows:
         f, subset = float(r["fraction"]), int(r.get("subset") or 0)
         if r["lever"] == "lpft":
-            runs["LP-FT"].setdefault(f, {})[subset] = r["test_acc"]
+            runs["LP-FT fine-tuning"].setdefault(f, {})[subset] = r["test_acc"]
         elif r["lever"] == "lpft+refit":
-            runs["LP-FT + head refit"].setdefault(f, {})[subset] = r["test_acc"]
+            runs["LP-FT fine-tuning + head refit"].setdefault(f, {})[subset] = r["test_acc"]
             if "test_acc_before_refit" in r:
-                runs["LP-FT"].setdefault(f, {})[subset] = r["test_acc_before_refit"]
+                runs["LP-FT fine-tuning"].setdefault(f, {})[subset] = r["test_acc_before_refit"]
     out = {}
     for name, by_fraction in runs.items():
         curve = {}
@@ -107,12 +107,10 @@ def main(argv=None) -> None:
     rows = curves(domain, {"lvm": "domain LVM (Fashion-MNIST), linear"})
     ft = [json.loads(line) for line in Path(args.finetune).read_text().splitlines() if line.strip()] \
         if Path(args.finetune).exists() else []
-    earlier = f" ({args.finetune_checkpoint})" if args.finetune_checkpoint else ""
-    if args.earlier_domain:
-        rows.update(curves(json.loads(Path(args.earlier_domain).read_text()),
-                           {"lvm": f"domain LVM{earlier}, linear"}))
     for method, curve in finetune_curves(ft).items():
-        rows[f"domain LVM{earlier}, {method} fine-tuning"] = curve
+        rows[f"domain LVM (Fashion-MNIST), {method}"] = curve
+    if args.current:  # not named "domain ...": outside the best-of-domain curve the last column matches against
+        rows.update(curves(json.loads(Path(args.current).read_text()), {"lvm": args.current_label}))
     rows.update(curves(ood, {"lvm": "out-of-domain LVM (skimage crops), linear", "supervised": "supervised CNN",
                              "raw pixels": "raw pixels"}))
     fractions = sorted({f for curve in rows.values() for f in curve})
@@ -141,7 +139,7 @@ def main(argv=None) -> None:
             cell = f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if runs > 1 else "")
             cells.append(cell + (" (1 subset)" if runs == 1 and f < 1 else ""))
         match = ""
-        if not name.startswith("domain") and 1.0 in curve:
+        if not name.startswith("domain") and name != args.current_label and 1.0 in curve:
             reached = fraction_to_match(best, curve[1.0][0])
             match = f"{100 * reached:.2g} % labels" if reached is not None else \
                 f"not reached (domain best at 100 %: {100 * best.get(1.0, float('nan')):.1f})"
@@ -153,7 +151,8 @@ def main(argv=None) -> None:
     if args.commands:
         lines += ["", "Commands:", "", *[f"- `{c}`" for c in args.commands]]
     write_results(args.out, {"cpu": cpu_model(), "rows": table, "domain_best": best,
-                             "inputs": {"domain": args.domain, "ood": args.ood, "finetune": args.finetune},
+                             "inputs": {"domain": args.domain, "ood": args.ood, "finetune": args.finetune,
+                                        "current": args.current},
                              "commands": args.commands, "notes": notes}, "\n".join(lines) + "\n")
 
 

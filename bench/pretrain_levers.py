@@ -68,6 +68,10 @@ LEVERS: dict[str, dict] = {
                 "why": "FSQ levels 8,8,8,6,5 (15,360 codes)"},
     "vq_4k": {"tok": ["--quantizer", "vq", "--codebook-size", "4096"], "lvm_steps": round(LVM_STEPS / 1.15),
               "why": "VQ with 4,096 codes (k-means init, dead-code replacement) instead of FSQ"},
+    # the two winners at equal compute together: what `lvm quickstart --grid 14` trains (8 rows a step)
+    "grid14_batch8": {"base": "grid14", "train": ["--batch-size", "8"], "lvm_steps": 2 * 120, "probe": ["--layers", "6"],
+                      "why": "grid14 with 8 rows a step and twice its steps (same tokens; its tokenizer and shards; "
+                             "probed at layer 6 like grid14)"},
     # beyond equal compute: the grid that won, given the steps that won (its tokenizer and shards, 3x its steps)
     "grid14_x3": {"base": "grid14", "lvm_steps": 3 * 120, "probe": ["--layers", "6"],
                   "why": "grid14 with 3x its LVM steps (3x the baseline's compute; its tokenizer and shards; "

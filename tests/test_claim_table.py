@@ -49,8 +49,29 @@ def test_finetune_rows_average_over_subsets_and_refit_rows_count_their_lpft_scor
           {"lever": "linear", "fraction": 0.1, "subset": 1, "test_acc": 0.5},  # not fine-tuning: left out
           {"lever": "lpft", "fraction": 1.0, "test_acc": 0.9}]
     got = finetune_curves(ft)
-    assert set(got) == {"LP-FT", "LP-FT + head refit"}
-    mean, std, runs = got["LP-FT"][0.1]
+    assert set(got) == {"LP-FT fine-tuning", "LP-FT fine-tuning + head refit"}
+    mean, std, runs = got["LP-FT fine-tuning"][0.1]
     assert (mean, runs) == (pytest.approx(0.82), 3) and std == pytest.approx(0.02)
-    assert got["LP-FT + head refit"][0.1] == (pytest.approx(0.85), pytest.approx(math.sqrt(2) * 0.01), 2)
-    assert got["LP-FT"][1.0] == (0.9, 0.0, 1) and 1.0 not in got["LP-FT + head refit"]
+    assert got["LP-FT fine-tuning + head refit"][0.1] == (pytest.approx(0.85), pytest.approx(math.sqrt(2) * 0.01), 2)
+    assert got["LP-FT fine-tuning"][1.0] == (0.9, 0.0, 1) and 1.0 not in got["LP-FT fine-tuning + head refit"]
+
+
+def test_the_current_default_row_is_shown_but_not_matched_against(tmp_path):
+    import json
+
+    from bench.claim_table import main
+
+    def probe(path, accs, features="lvm (layer 5)"):
+        path.write_text(json.dumps({"rows": [{"features": features, "method": "linear", "fraction": f, "acc_mean": a,
+                                              "runs": 1} for f, a in accs]}))
+        return str(path)
+
+    args = ["--domain", probe(tmp_path / "d.json", ((0.1, 0.80), (1.0, 0.85))),
+            "--ood", probe(tmp_path / "o.json", ((0.1, 0.75), (1.0, 0.88))),
+            "--current", probe(tmp_path / "c.json", ((0.1, 0.83), (1.0, 0.90))),
+            "--finetune", str(tmp_path / "none"), "--out", str(tmp_path / "claim")]
+    main(args)
+    result = json.loads((tmp_path / "claim.json").read_text())
+    assert result["rows"]["current default LVM (Fashion-MNIST), linear"]["accuracy"]["1.0"][0] == 0.90
+    assert result["domain_best"] == {"0.1": 0.80, "1.0": 0.85}  # the matched domain rows only
+    assert result["rows"]["out-of-domain LVM (skimage crops), linear"]["domain_matches_at"].startswith("not reached")
