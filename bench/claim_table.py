@@ -76,7 +76,7 @@ def finetune_curves(ft_rows: list[dict]) -> dict[str, dict[float, tuple[float, f
         for f, accs in sorted(by_fraction.items()):
             vals = list(accs.values())
             mean = sum(vals) / len(vals)
-            std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+            std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))  # over subsets, as lvm probe's rows
             curve[f] = (mean, std, len(vals))
         if curve:
             out[name] = curve

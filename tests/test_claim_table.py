@@ -51,8 +51,8 @@ def test_finetune_rows_average_over_subsets_and_refit_rows_count_their_lpft_scor
     got = finetune_curves(ft)
     assert set(got) == {"LP-FT fine-tuning", "LP-FT fine-tuning + head refit"}
     mean, std, runs = got["LP-FT fine-tuning"][0.1]
-    assert (mean, runs) == (pytest.approx(0.82), 3) and std == pytest.approx(0.02)
-    assert got["LP-FT fine-tuning + head refit"][0.1] == (pytest.approx(0.85), pytest.approx(math.sqrt(2) * 0.01), 2)
+    assert (mean, runs) == (pytest.approx(0.82), 3) and std == pytest.approx(0.02 * math.sqrt(2 / 3))  # ddof 0
+    assert got["LP-FT fine-tuning + head refit"][0.1] == (pytest.approx(0.85), pytest.approx(0.01), 2)
     assert got["LP-FT fine-tuning"][1.0] == (0.9, 0.0, 1) and 1.0 not in got["LP-FT fine-tuning + head refit"]
 
 
