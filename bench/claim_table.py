@@ -8,7 +8,10 @@ Rows, on the same class-balanced label subsets (``lvm probe``'s seeds) and score
 test images no stage trained or chose on:
 
 - domain LVM: tokenizer and LVM pretrained on Fashion-MNIST train (the default quickstart), linear probe;
-  and its LP-FT fine-tuning where ``bench.finetune_levers`` measured it (one label subset);
+  and its LP-FT fine-tuning (with and without the head refit) where ``bench.finetune_levers`` measured it,
+  averaged over the label subsets run;
+- optionally (``--current``) a later default recipe's checkpoint, shown beside them but outside the
+  comparison of the last column, whose rows all share the domain LVM's pretraining compute;
 - out-of-domain LVM: the same recipe and step counts pretrained on scikit-image crops (28 px grey),
   probed on Fashion-MNIST the same way (``bench.pretrain_levers --levers ood_skimage`` + ``lvm probe``);
 - supervised CNN from scratch on the same labels (``lvm probe --supervised``) and raw pixels.
