@@ -27,6 +27,8 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -62,27 +64,15 @@ def curves(probe: dict, rename: dict[str, str]) -> dict[str, dict[float, tuple[f
 
 def finetune_curves(ft_rows: list[dict]) -> dict[str, dict[float, tuple[float, float, int]]]:
     """LP-FT and LP-FT + refit curves ``{name: {fraction: (mean, std, runs)}}`` over the label subsets
-    ``bench.finetune_levers`` ran; a refit row also scores its LP-FT run before the refit, which counts as an
-    LP-FT run of that subset (as in that bench's own report)."""
-    runs: dict[str, dict[float, dict[int, float]]] = {"LP-FT fine-tuning": {}, "LP-FT fine-tuning + head refit": {}}
-    for r in ft_rows:
-        f, subset = float(r["fraction"]), int(r.get("subset") or 0)
-        if r["lever"] == "lpft":
-            runs["LP-FT fine-tuning"].setdefault(f, {})[subset] = r["test_acc"]
-        elif r["lever"] == "lpft+refit":
-            runs["LP-FT fine-tuning + head refit"].setdefault(f, {})[subset] = r["test_acc"]
-            if "test_acc_before_refit" in r:
-                runs["LP-FT fine-tuning"].setdefault(f, {})[subset] = r["test_acc_before_refit"]
-    out = {}
-    for name, by_fraction in runs.items():
-        curve = {}
-        for f, accs in sorted(by_fraction.items()):
-            vals = list(accs.values())
-            mean = sum(vals) / len(vals)
-            std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))  # over subsets, as lvm probe's rows
-            curve[f] = (mean, std, len(vals))
-        if curve:
-            out[name] = curve
+    ``bench.finetune_levers`` ran, counted as that bench's own report counts them (``subset_runs``); std over
+    subsets as lvm probe's rows (ddof 0)."""
+    from bench.finetune_levers import subset_runs
+
+    names = {"lpft": "LP-FT fine-tuning", "lpft+refit": "LP-FT fine-tuning + head refit"}
+    out: dict[str, dict] = {}
+    for (fraction, lever), accs in sorted(subset_runs(ft_rows).items()):
+        if lever in names:
+            out.setdefault(names[lever], {})[fraction] = (float(np.mean(accs)), float(np.std(accs)), len(accs))
     return out
 
 

@@ -154,9 +154,10 @@ def _encoded(tok, train_images: np.ndarray, test_images: np.ndarray, cache: str)
 FINDINGS = "## Findings"  # the report's hand-written part starts here; --report keeps it
 
 
-def _subset_means(rows: list[dict]) -> list[str]:
-    """Mean ± std of the rows run on more than one label subset (the last run of each lever and subset). A
-    ``+refit`` row's score before its refit is the lever without ``refit`` (the same seeded fine-tuning run)."""
+def subset_runs(rows: list[dict]) -> dict[tuple[float, str], list[float]]:
+    """``{(fraction, lever): test accuracies}``, one per label subset (the last run of each lever and subset). A
+    ``+refit`` row's score before its refit is the lever without ``refit`` (the same seeded fine-tuning run),
+    unless that lever has a row of its own for the subset."""
     last: dict[tuple, float] = {}
     for r in rows:
         last[(r["fraction"], r["lever"], r.get("subset", 0))] = r["test_acc"]
@@ -165,8 +166,13 @@ def _subset_means(rows: list[dict]) -> list[str]:
             last.setdefault((r["fraction"], without, r.get("subset", 0)), r["test_acc_before_refit"])
     groups: dict[tuple, list[float]] = {}
     for (fraction, lever, _), acc in last.items():
-        groups.setdefault((fraction, lever), []).append(acc)
-    multi = {k: v for k, v in groups.items() if len(v) > 1}
+        groups.setdefault((float(fraction), lever), []).append(acc)
+    return groups
+
+
+def _subset_means(rows: list[dict]) -> list[str]:
+    """Mean ± std of the rows run on more than one label subset."""
+    multi = {k: v for k, v in subset_runs(rows).items() if len(v) > 1}
     if not multi:
         return []
     out = ["", "Over label subsets:", "", "| fraction | row | subsets | test acc % (mean ± std) |", "|---|---|---|---|"]
