@@ -2,29 +2,32 @@
 
     python -m bench.claim_table --domain runs/quickstart/probe/probe.json \\
         --ood runs/pretrain-levers/ood_skimage/probe_full/probe.json \\
-        --finetune bench/results/finetune-levers-cpu.jsonl
+        --finetune bench/results/finetune-levers-cpu.jsonl \\
+        --current runs/quickstart/probe_full/probe.json \\
+        --current-ood runs/pretrain-levers/ood_current/probe_full/probe.json
 
 Rows, on the same class-balanced label subsets (``lvm probe``'s seeds) and scored on the Fashion-MNIST
-test images no stage trained or chose on:
+test images no stage trained or chose on, in blocks of one pretraining recipe each:
 
-- domain LVM: tokenizer and LVM pretrained on Fashion-MNIST train (the default quickstart), linear probe;
-  and its LP-FT fine-tuning (with and without the head refit) where ``bench.finetune_levers`` measured it,
-  averaged over the label subsets run;
-- optionally (``--current``) a later default recipe's checkpoint, shown beside them but outside the
-  comparison of the last column, whose rows all share the domain LVM's pretraining compute;
-- out-of-domain LVM: the same recipe and step counts pretrained on scikit-image crops (28 px grey),
-  probed on Fashion-MNIST the same way (``bench.pretrain_levers --levers ood_skimage`` + ``lvm probe``);
+- with ``--current``: the current default recipe's checkpoint (its quickstart), linear probe, and with
+  ``--current-ood`` the same recipe and step counts pretrained on scikit-image crops, probed alike;
+- domain LVM: tokenizer and LVM pretrained on Fashion-MNIST train (an earlier default quickstart), linear
+  probe, and its LP-FT fine-tuning (with and without the head refit) where ``bench.finetune_levers``
+  measured it, averaged over the label subsets run; its out-of-domain twin (``bench.pretrain_levers
+  --levers ood_skimage`` + ``lvm probe``);
 - supervised CNN from scratch on the same labels (``lvm probe --supervised``) and raw pixels.
 
-The last column is the label fraction at which the domain LVM's best curve reaches each competitor's
-100 %-labels accuracy (linear in log-fraction between measured points; "not reached" if it never does).
-Results go to bench/results/claim-table-cpu.{json,md}.
+The last column is the label fraction at which the domain LVM reaches each competitor's 100 %-labels
+accuracy (linear in log-fraction between measured points; "not reached" if it never does): an
+out-of-domain row against the domain rows of its own block (same recipe, same steps), a baseline against
+the best domain row of any block. Results go to bench/results/claim-table-cpu.{json,md}.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +41,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ood", required=True, help="probe.json of the out-of-domain LVM, with --baselines --supervised")
     p.add_argument("--finetune", default=str(RESULTS / "finetune-levers-cpu.jsonl"),
                    help="bench.finetune_levers rows (the 'lpft' and 'lpft+refit' ones are the domain LVM fine-tuned)")
+    p.add_argument("--domain-label", default="domain LVM (Fashion-MNIST)")
+    p.add_argument("--ood-label", default="out-of-domain LVM (skimage crops)")
     p.add_argument("--current", default="",
-                   help="probe.json of a later default recipe's checkpoint: shown, but not in the matched comparison "
-                        "(the other rows share --domain's pretraining compute)")
-    p.add_argument("--current-label", default="current default LVM (Fashion-MNIST), linear")
+                   help="probe.json of a later default recipe's checkpoint: a second block of rows")
+    p.add_argument("--current-ood", default="",
+                   help="probe.json of --current's recipe pretrained out of domain: the last column matches it "
+                        "against --current's rows only")
+    p.add_argument("--current-label", default="current default LVM (Fashion-MNIST)")
+    p.add_argument("--current-ood-label", default="out-of-domain LVM, current default's recipe (skimage crops)")
     p.add_argument("--commands", nargs="*", default=[], help="the commands that made the inputs, for the table")
     p.add_argument("--note", action="append", default=[], help="a paragraph for the report (e.g. the findings); "
                                                                "none given: the report's notes are kept")
@@ -90,53 +98,85 @@ def fraction_to_match(curve: dict[float, float], target: float) -> float | None:
     return None
 
 
+@dataclass
+class Row:
+    """One table row: its curve, whether it is a domain LVM, an out-of-domain LVM or a baseline, and the
+    block (pretraining recipe) it belongs to: an out-of-domain row is matched against its own block's
+    domain rows, a baseline against the best domain row of every block."""
+
+    curve: dict[float, tuple[float, float, int]]
+    role: str  # "domain", "ood" or "baseline"
+    block: str = ""
+
+
+def table_rows(args: argparse.Namespace) -> dict[str, Row]:
+    """Every row of the table from the inputs ``args`` names, in table order."""
+    def probe(path: str) -> dict:
+        return json.loads(Path(path).read_text())
+
+    rows: dict[str, Row] = {}
+
+    def add(curves_: dict, role: str, block: str = "") -> None:
+        rows.update({name: Row(curve, role, block) for name, curve in curves_.items()})
+
+    if args.current:
+        add(curves(probe(args.current), {"lvm": f"{args.current_label}, linear"}), "domain", "current")
+        if args.current_ood:
+            add(curves(probe(args.current_ood), {"lvm": f"{args.current_ood_label}, linear"}), "ood", "current")
+    add(curves(probe(args.domain), {"lvm": f"{args.domain_label}, linear"}), "domain", "domain")
+    ft = [json.loads(line) for line in Path(args.finetune).read_text().splitlines() if line.strip()] \
+        if Path(args.finetune).exists() else []
+    add({f"{args.domain_label}, {method}": curve for method, curve in finetune_curves(ft).items()}, "domain", "domain")
+    ood = probe(args.ood)
+    add(curves(ood, {"lvm": f"{args.ood_label}, linear"}), "ood", "domain")
+    add(curves(ood, {"raw pixels": "raw pixels", "supervised": "supervised CNN"}), "baseline")
+    return rows
+
+
+def best_of(rows: dict[str, Row], block: str | None = None) -> dict[float, float]:
+    """Per fraction, the best mean accuracy over the domain rows of ``block`` (None: of every block)."""
+    curves_ = [r.curve for r in rows.values() if r.role == "domain" and block in (None, r.block)]
+    fractions = sorted({f for c in curves_ for f in c})
+    return {f: max(c[f][0] for c in curves_ if f in c) for f in fractions}
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     from bench.results_io import kept_notes, write_results
     from lvm.runtime import cpu_has_fast_bf16, cpu_model
 
-    domain = json.loads(Path(args.domain).read_text())
-    ood = json.loads(Path(args.ood).read_text())
-    rows = curves(domain, {"lvm": "domain LVM (Fashion-MNIST), linear"})
-    ft = [json.loads(line) for line in Path(args.finetune).read_text().splitlines() if line.strip()] \
-        if Path(args.finetune).exists() else []
-    for method, curve in finetune_curves(ft).items():
-        rows[f"domain LVM (Fashion-MNIST), {method}"] = curve
-    if args.current:  # not named "domain ...": outside the best-of-domain curve the last column matches against
-        rows.update(curves(json.loads(Path(args.current).read_text()), {"lvm": args.current_label}))
-    rows.update(curves(ood, {"lvm": "out-of-domain LVM (skimage crops), linear", "supervised": "supervised CNN",
-                             "raw pixels": "raw pixels"}))
-    fractions = sorted({f for curve in rows.values() for f in curve})
-    domain_names = [k for k in rows if k.startswith("domain")]
-    best = {f: max(rows[k][f][0] for k in domain_names if f in rows[k]) for f in fractions
-            if any(f in rows[k] for k in domain_names)}
-
+    rows = table_rows(args)
+    fractions = sorted({f for r in rows.values() for f in r.curve})
+    best = best_of(rows)
     head = "| features / method | " + " | ".join(f"{100 * f:g} % labels" for f in fractions)
     lines = [
         "# The claim head-on: domain LVM vs out-of-domain LVM vs supervised CNN vs raw pixels (issue #14, item 4)", "",
-        f"CPU: {cpu_model()}, AMX {'yes' if cpu_has_fast_bf16() else 'no'}. Fashion-MNIST test accuracy (%), mean ± std over the probe's 3 label subsets below "
-        "100 % (\"1 subset\" where only one was run); every stage trained and chose on Fashion-MNIST train images "
-        "only. Last column: the label fraction at which the domain LVM's best row reaches this row's 100 %-labels "
-        "accuracy.", "",
+        f"CPU: {cpu_model()}, AMX {'yes' if cpu_has_fast_bf16() else 'no'}. Fashion-MNIST test accuracy (%), mean ± "
+        "std over the probe's 3 label subsets below 100 % (\"1 subset\" where only one was run); every stage trained "
+        "and chose on Fashion-MNIST train images only. Last column: the label fraction at which the domain LVM reaches "
+        "this row's 100 %-labels accuracy (an out-of-domain row: the domain LVM of the same recipe; a baseline: the "
+        "best domain row).", "",
         head + " | domain LVM reaches this row's 100 % at |",
         "|---" * (len(fractions) + 2) + "|",
     ]
     table = {}
-    for name, curve in rows.items():
+    for name, row in rows.items():
         cells = []
         for f in fractions:
-            if f not in curve:
+            if f not in row.curve:
                 cells.append("")
                 continue
-            mean, std, runs = curve[f]
+            mean, std, runs = row.curve[f]
             cell = f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if runs > 1 else "")
             cells.append(cell + (" (1 subset)" if runs == 1 and f < 1 else ""))
         match = ""
-        if not name.startswith("domain") and name != args.current_label and 1.0 in curve:
-            reached = fraction_to_match(best, curve[1.0][0])
+        if row.role != "domain" and 1.0 in row.curve:
+            against = best if row.role == "baseline" else best_of(rows, row.block)
+            reached = fraction_to_match(against, row.curve[1.0][0])
             match = f"{100 * reached:.2g} % labels" if reached is not None else \
-                f"not reached (domain best at 100 %: {100 * best.get(1.0, float('nan')):.1f})"
-        table[name] = {"accuracy": {str(f): curve[f] for f in curve}, "domain_matches_at": match}
+                f"not reached (domain best at 100 %: {100 * against.get(1.0, float('nan')):.1f})"
+        table[name] = {"accuracy": {str(f): row.curve[f] for f in row.curve}, "role": row.role, "block": row.block,
+                       "domain_matches_at": match}
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {match} |")
     notes = args.note or kept_notes(args.out)
     for note in notes:
@@ -145,7 +185,7 @@ def main(argv=None) -> None:
         lines += ["", "Commands:", "", *[f"- `{c}`" for c in args.commands]]
     write_results(args.out, {"cpu": cpu_model(), "rows": table, "domain_best": best,
                              "inputs": {"domain": args.domain, "ood": args.ood, "finetune": args.finetune,
-                                        "current": args.current},
+                                        "current": args.current, "current_ood": args.current_ood},
                              "commands": args.commands, "notes": notes}, "\n".join(lines) + "\n")
 
 

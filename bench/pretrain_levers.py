@@ -72,6 +72,11 @@ LEVERS: dict[str, dict] = {
     "grid14_batch8": {"base": "grid14", "train": ["--batch-size", "8"], "lvm_steps": 2 * 120, "probe": ["--layers", "6"],
                       "why": "grid14 with 8 rows a step and twice its steps (same tokens; its tokenizer and shards; "
                              "probed at layer 6 like grid14)"},
+    # the out-of-domain twin of the current default (session 8's quickstart: tokenizer 274 steps, LVM 359 steps of
+    # 8 rows), so that checkpoint gets a matched out-of-domain row in the claim table
+    "ood_current": {"data": "skimage-crops", "tokenizer_steps": 274, "lvm_steps": 359, "train": ["--batch-size", "8"],
+                    "why": "the current default's step counts (tokenizer 274, LVM 359 of 8 rows) on scikit-image "
+                           "crops (28 px grey): out of domain"},
     # beyond equal compute: the grid that won, given the steps that won (its tokenizer and shards, 3x its steps)
     "grid14_x3": {"base": "grid14", "lvm_steps": 3 * 120, "probe": ["--layers", "6"],
                   "why": "grid14 with 3x its LVM steps (3x the baseline's compute; its tokenizer and shards; "
