@@ -72,6 +72,10 @@ LEVERS: dict[str, dict] = {
     "grid14_batch8": {"base": "grid14", "train": ["--batch-size", "8"], "lvm_steps": 2 * 120, "probe": ["--layers", "6"],
                       "why": "grid14 with 8 rows a step and twice its steps (same tokens; its tokenizer and shards; "
                              "probed at layer 6 like grid14)"},
+    # the grid-14 curve further out: 1,000 steps of 8 rows (4.2x grid14_batch8's tokens, ~2.3x the default's compute)
+    "grid14_long": {"base": "grid14", "train": ["--batch-size", "8"], "lvm_steps": 1000, "probe": ["--layers", "6"],
+                    "why": "grid14 with 8 rows a step and 1,000 steps (its tokenizer and shards; probed at layer 6 "
+                           "like grid14): beyond the default's compute, a point on the grid-14 curve"},
     # the out-of-domain twin of the current default (session 8's quickstart: tokenizer 274 steps, LVM 359 steps of
     # 8 rows), so that checkpoint gets a matched out-of-domain row in the claim table
     "ood_current": {"data": "skimage-crops", "tokenizer_steps": 274, "lvm_steps": 359, "train": ["--batch-size", "8"],
