@@ -54,7 +54,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--note", action="append", default=[], help="a paragraph for the report (e.g. the findings); "
                                                                "none given: the report's notes are kept")
     p.add_argument("--out", default=str(RESULTS / "claim-table-cpu"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.current_ood and not args.current:
+        p.error("--current-ood is the out-of-domain twin of --current: pass --current too")
+    return args
 
 
 def curves(probe: dict, rename: dict[str, str]) -> dict[str, dict[float, tuple[float, float, int]]]:
@@ -117,7 +120,10 @@ def table_rows(args: argparse.Namespace) -> dict[str, Row]:
     rows: dict[str, Row] = {}
 
     def add(curves_: dict, role: str, block: str = "") -> None:
-        rows.update({name: Row(curve, role, block) for name, curve in curves_.items()})
+        for name, curve in curves_.items():
+            if name in rows:
+                raise SystemExit(f"claim_table: two rows are named {name!r}; give the blocks distinct --*-label values.")
+            rows[name] = Row(curve, role, block)
 
     if args.current:
         add(curves(probe(args.current), {"lvm": f"{args.current_label}, linear"}), "domain", "current")

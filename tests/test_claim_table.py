@@ -86,3 +86,19 @@ def test_out_of_domain_rows_match_their_own_recipe_and_baselines_the_best_domain
         "10 % labels"
     # a baseline (86 %) is matched against the best domain row of either recipe: between 10 % (83 %) and 100 % (90 %)
     assert rows["raw pixels"]["domain_matches_at"] == f"{100 * 10 ** (-1 + 3 / 7):.2g} % labels"
+
+
+def test_rows_of_one_name_and_a_twin_without_its_recipe_are_refused(tmp_path):
+    import json
+
+    from bench.claim_table import main
+
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"rows": [{"features": "lvm (layer 5)", "method": "linear", "fraction": 1.0,
+                                          "acc_mean": 0.8, "runs": 1}]}))
+    base = ["--domain", str(path), "--ood", str(path), "--finetune", str(tmp_path / "none"), "--out", str(tmp_path / "c")]
+    with pytest.raises(SystemExit, match="two rows are named"):
+        main([*base, "--current", str(path), "--current-label", "domain LVM (Fashion-MNIST)"])
+    with pytest.raises(SystemExit):  # argparse's error: --current-ood needs --current
+        main([*base, "--current-ood", str(path)])
+    assert not (tmp_path / "c.json").exists()
