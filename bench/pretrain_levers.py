@@ -72,6 +72,11 @@ LEVERS: dict[str, dict] = {
     "grid14_batch8": {"base": "grid14", "train": ["--batch-size", "8"], "lvm_steps": 2 * 120, "probe": ["--layers", "6"],
                       "why": "grid14 with 8 rows a step and twice its steps (same tokens; its tokenizer and shards; "
                              "probed at layer 6 like grid14)"},
+    # does the domain's advantage grow with the grid? grid14_batch8's recipe on scikit-image crops
+    "ood_grid14": {"data": "skimage-crops", "tok": ["--grid", "14"], "train": ["--batch-size", "8"], "lvm_steps": 2 * 120,
+                   "probe": ["--layers", "6"],
+                   "why": "grid14_batch8's recipe (14x14 tokens, 240 steps of 8 rows) on scikit-image crops (28 px grey): "
+                          "out of domain; probed at layer 6 like grid14"},
     # the grid-14 curve further out: 1,000 steps of 8 rows (4.2x grid14_batch8's tokens, ~2.3x the default's compute)
     "grid14_long": {"base": "grid14", "train": ["--batch-size", "8"], "lvm_steps": 1000, "probe": ["--layers", "6"],
                     "why": "grid14 with 8 rows a step and 1,000 steps (its tokenizer and shards; probed at layer 6 "
