@@ -86,6 +86,20 @@ LEVERS: dict[str, dict] = {
     "ood_current": {"data": "skimage-crops", "tokenizer_steps": 274, "lvm_steps": 359, "train": ["--batch-size", "8"],
                     "why": "the current default's step counts (tokenizer 274, LVM 359 of 8 rows) on scikit-image "
                            "crops (28 px grey): out of domain"},
+    # the current default (session 8's `lvm quickstart`: tokenizer 274 steps, LVM 359 of 8 rows), linked in from the
+    # quickstart's run folder like the baseline; it is here as the domain tokenizer of the cross_* levers
+    "current": {"tokenizer_steps": 274, "lvm_steps": 359, "train": ["--batch-size", "8"],
+                "why": "the current default quickstart recipe (session 8: tokenizer 274 steps, LVM 359 steps of 8 rows)"},
+    # where does the domain's advantage live, tokenizer or LVM? The current recipe's two cross cells (the matched pair
+    # is current / ood_current), each probed on 3 label subsets of 10 % like the claim table's rows
+    "cross_tok_domain": {"tokenizer_from": "current", "data": "skimage-crops", "lvm_steps": 359,
+                         "train": ["--batch-size", "8"], "probe_protocol": ["--fractions", "0.1", "--seeds", "3"],
+                         "why": "the domain's tokenizer (current's), LVM pretrained on scikit-image crops (ood_current's "
+                                "LVM recipe); 3 label subsets of 10 %"},
+    "cross_tok_ood": {"tokenizer_from": "ood_current", "lvm_steps": 359, "train": ["--batch-size", "8"],
+                      "probe_protocol": ["--fractions", "0.1", "--seeds", "3"],
+                      "why": "the out-of-domain tokenizer (ood_current's), LVM pretrained on Fashion-MNIST (the current "
+                             "recipe); 3 label subsets of 10 %"},
     # beyond equal compute: the grid that won, given the steps that won (its tokenizer and shards, 3x its steps)
     "grid14_x3": {"base": "grid14", "lvm_steps": 3 * 120, "probe": ["--layers", "6"],
                   "why": "grid14 with 3x its LVM steps (3x the baseline's compute; its tokenizer and shards; "
@@ -106,22 +120,33 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def own_tokenizer(name: str) -> bool:
-    """Levers that change only the LVM share the baseline's tokenizer and token shards (one change per row)."""
+    """Levers that change only the LVM share the baseline's tokenizer and token shards (one change per row);
+    a ``tokenizer_from`` lever tokenizes its own data with another lever's tokenizer."""
     lever = LEVERS[name]
+    if "tokenizer_from" in lever:
+        return False
     return name == "baseline" or any(k in lever for k in ("tok", "tokenizer_steps", "data"))
 
 
+def own_tokens(name: str) -> bool:
+    return own_tokenizer(name) or "tokenizer_from" in LEVERS[name]
+
+
 def tokens_from(name: str) -> str:
-    """The lever whose tokenizer and shards ``name`` uses: its own, its ``base`` lever's, or the baseline's."""
-    return name if own_tokenizer(name) else LEVERS[name].get("base", "baseline")
+    """The lever whose token shards ``name`` trains on: its own, its ``base`` lever's, or the baseline's."""
+    return name if own_tokens(name) else LEVERS[name].get("base", "baseline")
+
+
+def tokenizer_from(name: str) -> str:
+    """The lever whose tokenizer ``name`` reads: ``tokenizer_from``'s, else that of its shards."""
+    return LEVERS[name].get("tokenizer_from", tokens_from(name))
 
 
 def commands(name: str, out: Path, threads: int, probe_images: int) -> list[tuple[str, list[str]]]:
     """(stage, argv) of one lever's run, in order; a stage is skipped when its output exists."""
     lever = LEVERS[name]
     run, data = out / name, lever.get("data", "fashion-mnist")
-    base = out / tokens_from(name)
-    tok, tokens, lvm = base / "tokenizer", base / "tokens", run / "lvm"
+    tok, tokens, lvm = out / tokenizer_from(name) / "tokenizer", out / tokens_from(name) / "tokens", run / "lvm"
     shape = ["--image-size", "28", "--channels", "1"] if data != "fashion-mnist" else []
     cmds = []
     if own_tokenizer(name):
@@ -129,6 +154,7 @@ def commands(name: str, out: Path, threads: int, probe_images: int) -> list[tupl
                                    "--steps", str(lever.get("tokenizer_steps", TOKENIZER_STEPS)), "--batch-size", "128",
                                    "--eval-holdout", "500", "--threads", str(threads), "--no-progress",
                                    *lever.get("tok", [])]))
+    if own_tokens(name):
         for side in ("train", "test"):
             cmds.append((f"tokens/{side}", ["lvm", "tokenize", "--source", data, "--tokenizer", str(tok),
                                             "--split", side, "--out", str(tokens / side)]))
@@ -145,10 +171,11 @@ def commands(name: str, out: Path, threads: int, probe_images: int) -> list[tupl
                          "--batch-size", "16", "--lr", "2e-3", "--warmup-steps", "50", "--eval-every", "250",
                          "--ckpt-every", "250", "--eval-rows", "64", "--no-compile", "--threads", str(threads),
                          "--no-progress", *lever.get("train", [])]))
+    # one even subsample of probe_images labels, or the lever's protocol (e.g. 3 class-balanced subsets of 10 %)
+    protocol = lever.get("probe_protocol", ["--limit-train", str(probe_images), "--fractions", "1.0", "--seeds", "1"])
     cmds.append(("probe10", ["lvm", "probe", "--checkpoint", str(lvm), "--tokenizer", str(tok),
-                             "--source", "fashion-mnist", "--limit-train", str(probe_images), "--fractions", "1.0",
-                             "--seeds", "1", "--no-baselines", "--no-random-init", "--sweep-images", "5000",
-                             "--out", str(run / "probe10"), *lever.get("probe", [])]))
+                             "--source", "fashion-mnist", *protocol, "--no-baselines", "--no-random-init",
+                             "--sweep-images", "5000", "--out", str(run / "probe10"), *lever.get("probe", [])]))
     return cmds
 
 
@@ -159,9 +186,11 @@ def done(stage: str, run: Path) -> bool:
 
 
 def run_lever(name: str, out: Path, threads: int, probe_images: int) -> None:
-    source = tokens_from(name)
+    source, tok_source = tokens_from(name), tokenizer_from(name)
     if source != name and not done("tokens/test", out / source):  # its shards come from there
         run_stages(source, out, threads, probe_images, ("tokenizer", "tokens/train", "tokens/test"))
+    if tok_source != source and not done("tokenizer", out / tok_source):  # and its tokenizer from there
+        run_stages(tok_source, out, threads, probe_images, ("tokenizer",))
     run_stages(name, out, threads, probe_images)
 
 
@@ -189,12 +218,13 @@ def row(name: str, out: Path, threads: int, probe_images: int) -> dict | None:
         return None
     probe = json.loads((run / "probe10" / "probe.json").read_text())
     lin = next(r for r in probe["rows"] if r["method"] == "linear")
-    tok = json.loads((out / tokens_from(name) / "tokenizer" / "eval.json").read_text())
+    tok = json.loads((out / tokenizer_from(name) / "tokenizer" / "eval.json").read_text())
     metrics = [json.loads(line) for line in (run / "lvm" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     summary = {"steps": max(m["step"] for m in metrics),
                "eval_loss": next((m["eval_loss"] for m in reversed(metrics) if "eval_loss" in m), None)}
     timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").exists() else {}
-    return {"lever": name, "why": LEVERS[name]["why"], "test_acc": lin["acc_mean"], "n_labels": lin["n_labels"],
+    return {"lever": name, "why": LEVERS[name]["why"], "test_acc": lin["acc_mean"], "test_std": lin.get("acc_std", 0.0),
+            "runs": lin.get("runs", 1), "n_labels": lin["n_labels"],
             "layer": lin["features"].rpartition("layer ")[2].rstrip(")"), "dim": lin["dim"], "tokenizer_psnr_db": tok.get("psnr_db"),
             "tokenizer_steps": tok.get("steps"), "grid": tok.get("grid"), "lvm_steps": summary.get("steps"),
             "eval_loss": summary.get("eval_loss"), "seconds": timings,
@@ -222,9 +252,10 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
     for r in rows:
         delta = "" if base is None else f"{100 * (r['test_acc'] - base):+.1f}"
         grid = "x".join(map(str, r["grid"] or []))
+        acc = f"{100 * r['test_acc']:.1f}" + (f" ± {100 * r['test_std']:.1f}" if r.get("runs", 1) > 1 else "")
         loss = "" if r["eval_loss"] is None else f"{r['eval_loss']:.3f}"
         lines.append(f"| {r['lever']} | {r['why']} | {grid} | {r['tokenizer_steps']} ({r['tokenizer_psnr_db']:.1f}) "
-                     f"| {r['lvm_steps']} | {loss} | {r['layer']} | {100 * r['test_acc']:.1f} | {delta} |")
+                     f"| {r['lvm_steps']} | {loss} | {r['layer']} | {acc} | {delta} |")
     lines += ["", f"Commands of each row, in order (`--out {DEFAULT_OUT}`, `OMP_NUM_THREADS` = the threads given):", ""]
     for r in rows:
         lines += [f"- {r['lever']}:", *[f"  - `{c}`" for c in r["commands"]]]

@@ -32,6 +32,10 @@ def test_lever_commands_parse(name):
     if "tokenizer" in stages:  # its own tokenizer and shards
         assert {"tokens/train", "tokens/test"} <= set(stages)
         assert stages["probe10"]["tokenizer"] == stages["tokenizer"]["out_dir"] == stages["tokens/train"]["tokenizer"]
+    elif "tokenizer_from" in LEVERS[name]:  # another lever's tokenizer on this lever's data: its own shards
+        source = LEVERS[name]["tokenizer_from"]
+        assert stages["tokens/train"]["tokenizer"] == stages["probe10"]["tokenizer"] == f"/x/{source}/tokenizer"
+        assert stages["lvm"]["data"] == stages["tokens/train"]["out"] == f"/x/{name}/tokens/train"
     else:  # an LVM-only lever pretrains on its base's shards (the baseline's), so the tokenizer is not a second change
         base = LEVERS[name].get("base", "baseline")
         assert stages["lvm"]["data"] == f"/x/{base}/tokens/train"
@@ -92,3 +96,28 @@ def test_a_report_without_notes_keeps_the_notes_already_written(tmp_path):
     assert "Findings: grid14 wins." in (tmp_path / "levers.md").read_text()
     report([], parse_args(["--results", results, "--note", "Newer."]))  # given notes replace them
     assert json.loads((tmp_path / "levers.json").read_text())["notes"] == ["Newer."]
+
+
+def test_the_cross_cells_swap_exactly_one_stage_of_the_matched_pair():
+    """cross_tok_domain is ood_current with the domain's tokenizer, cross_tok_ood is current with the out-of-domain
+    one: the LVM recipe is the pair's, the data the LVM's, and only the tokenizer crosses over."""
+    cur, ood = _parsed("current"), _parsed("ood_current")
+    for name, lvm_twin, tok_twin in (("cross_tok_domain", ood, cur), ("cross_tok_ood", cur, ood)):
+        cell = _parsed(name)
+        assert "tokenizer" not in cell
+        assert cell["tokens/train"]["source"] == lvm_twin["tokens/train"]["source"]
+        assert cell["tokens/train"]["tokenizer"] == tok_twin["tokenizer"]["out_dir"]
+        assert {k: v for k, v in cell["lvm"].items() if lvm_twin["lvm"][k] != v and "/x/" not in str(v)} == {}
+        assert cell["probe10"]["fractions"] == [0.1] and cell["probe10"]["seeds"] == 3
+    assert cur["tokenizer"]["data"] == "fashion-mnist" and ood["tokenizer"]["data"] == "skimage-crops"
+
+
+def test_a_cross_cell_first_makes_the_tokenizer_it_reads(tmp_path, monkeypatch):
+    import bench.pretrain_levers as pl
+
+    calls = []
+    monkeypatch.setattr(pl.subprocess, "call", lambda argv, **kw: calls.append(argv[:2]) or 0)
+    pl.run_lever("cross_tok_ood", tmp_path, 1, 6000)
+    assert calls == [["lvm", "tokenizer-train"], ["lvm", "tokenize"], ["lvm", "tokenize"], ["lvm", "train"],
+                     ["lvm", "probe"]]  # ood_current's tokenizer only (not its shards or LVM), then the cell
+    assert (tmp_path / "ood_current").is_dir() and not (tmp_path / "ood_current" / "tokens").exists()
