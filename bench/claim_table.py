@@ -10,7 +10,9 @@ Rows, on the same class-balanced label subsets (``lvm probe``'s seeds) and score
 test images no stage trained or chose on, in blocks of one pretraining recipe each:
 
 - with ``--current``: the current default recipe's checkpoint (its quickstart), linear probe, and with
-  ``--current-ood`` the same recipe and step counts pretrained on scikit-image crops, probed alike;
+  ``--current-ood`` the same recipe and step counts pretrained on scikit-image crops, probed alike; with
+  ``--current-pixels`` / ``--current-ood-pixels`` the same two checkpoints probed with the raw pixels appended
+  to their features (``lvm probe --pixels``), a block of their own;
 - domain LVM: tokenizer and LVM pretrained on Fashion-MNIST train (an earlier default quickstart), linear
   probe, and its LP-FT fine-tuning (with and without the head refit) where ``bench.finetune_levers``
   measured it, averaged over the label subsets run; its out-of-domain twin (``bench.pretrain_levers
@@ -48,6 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--current-ood", default="",
                    help="probe.json of --current's recipe pretrained out of domain: the last column matches it "
                         "against --current's rows only")
+    p.add_argument("--current-pixels", default="",
+                   help="probe.json of --current's checkpoint probed with --pixels (the raw pixels appended to its "
+                        "features): a block of its own")
+    p.add_argument("--current-ood-pixels", default="",
+                   help="probe.json of --current-ood's checkpoint probed with --pixels, matched against "
+                        "--current-pixels' rows only")
     p.add_argument("--current-label", default="current default LVM (Fashion-MNIST)")
     p.add_argument("--current-ood-label", default="out-of-domain LVM, current default's recipe (skimage crops)")
     p.add_argument("--commands", nargs="*", default=[], help="the commands that made the inputs, for the table")
@@ -57,6 +65,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.current_ood and not args.current:
         p.error("--current-ood is the out-of-domain twin of --current: pass --current too")
+    if args.current_ood_pixels and not args.current_pixels:
+        p.error("--current-ood-pixels is the out-of-domain twin of --current-pixels: pass --current-pixels too")
+    if args.current_pixels and not args.current:
+        p.error("--current-pixels probes --current's checkpoint with --pixels: pass --current too")
     return args
 
 
@@ -129,6 +141,12 @@ def table_rows(args: argparse.Namespace) -> dict[str, Row]:
         add(curves(probe(args.current), {"lvm": f"{args.current_label}, linear"}), "domain", "current")
         if args.current_ood:
             add(curves(probe(args.current_ood), {"lvm": f"{args.current_ood_label}, linear"}), "ood", "current")
+        if args.current_pixels:  # the same checkpoints, the pixels appended to the features: a block of their own
+            add(curves(probe(args.current_pixels), {"lvm": f"{args.current_label}, linear + pixels"}), "domain",
+                "current + pixels")
+            if args.current_ood_pixels:
+                add(curves(probe(args.current_ood_pixels), {"lvm": f"{args.current_ood_label}, linear + pixels"}),
+                    "ood", "current + pixels")
     add(curves(probe(args.domain), {"lvm": f"{args.domain_label}, linear"}), "domain", "domain")
     ft = [json.loads(line) for line in Path(args.finetune).read_text().splitlines() if line.strip()] \
         if Path(args.finetune).exists() else []
@@ -191,7 +209,9 @@ def main(argv=None) -> None:
         lines += ["", "Commands:", "", *[f"- `{c}`" for c in args.commands]]
     write_results(args.out, {"cpu": cpu_model(), "rows": table, "domain_best": best,
                              "inputs": {"domain": args.domain, "ood": args.ood, "finetune": args.finetune,
-                                        "current": args.current, "current_ood": args.current_ood},
+                                        "current": args.current, "current_ood": args.current_ood,
+                                        "current_pixels": args.current_pixels,
+                                        "current_ood_pixels": args.current_ood_pixels},
                              "commands": args.commands, "notes": notes}, "\n".join(lines) + "\n")
 
 

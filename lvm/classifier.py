@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -102,7 +103,12 @@ class Classifier(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """``pixels`` float32 [N, C, H, W] in [0, 1] -> probabilities float32 [N, K] in ``classes`` order."""
-        return self.head(self.token_states(pixels)).float().softmax(dim=-1)
+        return self.head(*self._head_inputs(pixels)).float().softmax(dim=-1)
+
+    def _head_inputs(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The token states, and the pixels too for a linear head that appends them (``lvm probe --pixels``)."""
+        states = self.token_states(pixels)
+        return (states, pixels) if getattr(self.head, "pixels", None) else (states,)
 
     def token_ids(self, pixels: torch.Tensor) -> torch.Tensor:
         """The tokenizer's ids ``long [N, h*w]``, as ``Tokenizer.encode`` computes them (FSQ rounding included)."""
@@ -115,7 +121,7 @@ class Classifier(nn.Module):
 
     def pooled(self, pixels: torch.Tensor) -> torch.Tensor:
         """What the head's last linear layer reads: ``[N, F]`` (linear: pooled states; attentive: attention pool)."""
-        return self.head.pool(self.token_states(pixels))
+        return self.head.pool(*self._head_inputs(pixels))
 
     # ---- user-facing --------------------------------------------------------------------------
 
@@ -239,21 +245,35 @@ class LinearHead(nn.Module):
     (ONNX has no adaptive pooling for 7 -> 3 windows).
     """
 
-    def __init__(self, pool: str, grid: int, hw: tuple[int, int], dim: int, classes: int) -> None:
+    def __init__(self, pool: str, grid: int, hw: tuple[int, int], dim: int, classes: int,
+                 pixels: tuple[int, int] | None = None) -> None:
         super().__init__()
         if pool not in ("mean", "grid", "tokens"):
             raise BundleError(f"linear head: pool={pool!r} is not one of mean, grid, tokens.")
         self.pool_name, self.grid, self.hw = pool, grid, tuple(hw)
         self.register_buffer("pool_matrix", pool_matrix(pool, grid, self.hw))  # [P, T]
         features = dim * (self.hw[0] * self.hw[1] if pool == "tokens" else len(self.pool_matrix))
+        # (channels, image side): the raw-pixel features (lvm.probe.pixel_features) appended to the pooled states
+        self.pixels = tuple(pixels) if pixels else None
+        if self.pixels:
+            channels, side = self.pixels
+            small = pixel_side(channels, side)
+            self.register_buffer("pixel_matrix", _avg_matrix(side, small))  # [s, S]: area downsampling, one axis
+            features += channels * small * small
         self.register_buffer("mean", torch.zeros(features))
         self.register_buffer("std", torch.ones(features))
         self.linear = nn.Linear(features, classes)
 
     @classmethod
-    def from_probe(cls, probe, pool: str, grid: int, hw: tuple[int, int], dim: int) -> "LinearHead":
-        """Wrap a fitted ``lvm.probe.LinearProbe`` (mean, std, weight ``[K, F]``, bias ``[K]``)."""
-        head = cls(pool, grid, hw, dim, probe.weight.shape[0])
+    def from_probe(cls, probe, pool: str, grid: int, hw: tuple[int, int], dim: int,
+                   pixels: tuple[int, int] | None = None) -> "LinearHead":
+        """Wrap a fitted ``lvm.probe.LinearProbe`` (mean, std, weight ``[K, F]``, bias ``[K]``); ``pixels``
+        (channels, image side) where it was fitted on the states followed by ``pixel_features``."""
+        head = cls(pool, grid, hw, dim, probe.weight.shape[0], pixels)
+        if probe.weight.shape[1] != head.linear.in_features:
+            raise BundleError(f"the linear probe reads {probe.weight.shape[1]} features but this head makes "
+                              f"{head.linear.in_features}; pass pixels=(channels, side) for a probe fitted with "
+                              "--pixels, and the pool and grid it was fitted with.")
         with torch.no_grad():
             head.mean.copy_(probe.mean)
             head.std.copy_(probe.std)
@@ -261,15 +281,35 @@ class LinearHead(nn.Module):
             head.linear.bias.copy_(probe.bias)
         return head
 
-    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``[N, T, D]`` -> ``[N, F]`` in the probe's feature order (``d`` major, then grid cell)."""
+    def pool(self, tokens: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N, T, D]`` -> ``[N, F]`` in the probe's feature order (``d`` major, then grid cell), then, for a
+        head with ``pixels``, the image ``[N, C, H, W]`` in [0, 1] as ``pixel_features`` lays it out."""
         if self.pool_name == "tokens":
-            return tokens.float().flatten(1)
-        pooled = einsum(self.pool_matrix, tokens.float(), "p t, n t d -> n d p")
-        return pooled.flatten(1)
+            feats = tokens.float().flatten(1)
+        else:
+            feats = einsum(self.pool_matrix, tokens.float(), "p t, n t d -> n d p").flatten(1)
+        if not self.pixels:
+            return feats
+        if pixels is None:
+            raise BundleError("this linear head appends the image's pixels to the LVM's features; pass them.")
+        m = self.pixel_matrix  # separable area averaging = adaptive_avg_pool2d, as a matmul that ONNX exports
+        small = einsum(m, pixels.float(), m, "i h, n c h w, j w -> n i j c")  # channels last, as pixel_features
+        return torch.cat([feats, small.flatten(1)], dim=1)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.linear((self.pool(tokens) - self.mean) / self.std)
+    def forward(self, tokens: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.linear((self.pool(tokens, pixels) - self.mean) / self.std)
+
+
+def pixel_side(channels: int, side: int) -> int:
+    """The side ``lvm.probe.pixel_features`` area-downsamples a ``side`` px image to (itself when small enough)."""
+    from lvm.probe import PIXEL_FEATURES_MAX
+
+    return side if channels * side * side <= PIXEL_FEATURES_MAX else min(side, int(math.sqrt(PIXEL_FEATURES_MAX / channels)))
+
+
+def _avg_matrix(side: int, small: int) -> torch.Tensor:
+    """``[small, side]``: row i averages the pixels of adaptive pooling's window i (identity when equal)."""
+    return F.adaptive_avg_pool1d(torch.eye(side)[None], small)[0].T.contiguous()
 
 
 def pool_matrix(pool: str, grid: int, hw: tuple[int, int]) -> torch.Tensor:
@@ -285,10 +325,14 @@ def pool_matrix(pool: str, grid: int, hw: tuple[int, int]) -> torch.Tensor:
 def head_config(head: nn.Module) -> dict:
     """The JSON that rebuilds ``head`` (its kind and shapes) before its safetensors are loaded."""
     if isinstance(head, LinearHead):
-        return {"kind": "linear", "pool": head.pool_name, "grid": head.grid, "hw": list(head.hw),
-                "dim": head.linear.in_features // (head.hw[0] * head.hw[1] if head.pool_name == "tokens"
-                                                   else len(head.pool_matrix)),
-                "classes": head.linear.out_features}
+        cells = head.hw[0] * head.hw[1] if head.pool_name == "tokens" else len(head.pool_matrix)
+        pixel_dims = 0
+        if head.pixels:
+            channels, side = head.pixels
+            pixel_dims = channels * pixel_side(channels, side) ** 2
+        config = {"kind": "linear", "pool": head.pool_name, "grid": head.grid, "hw": list(head.hw),
+                  "dim": (head.linear.in_features - pixel_dims) // cells, "classes": head.linear.out_features}
+        return {**config, "pixels": list(head.pixels)} if head.pixels else config
     if isinstance(head, AttentiveClassifier):
         pool = head.pool
         return {"kind": "attentive", "dim": pool.pos.shape[1], "tokens": pool.pos.shape[0],
@@ -301,8 +345,9 @@ def build_head(config: dict) -> nn.Module:
     """An untrained head of the shape ``config`` (``head_config``'s output) describes."""
     kind = config.get("kind")
     if kind == "linear":
+        pixels = config.get("pixels")
         return LinearHead(config["pool"], int(config["grid"]), tuple(config["hw"]), int(config["dim"]),
-                          int(config["classes"]))
+                          int(config["classes"]), tuple(int(v) for v in pixels) if pixels else None)
     if kind == "attentive":
         return AttentiveClassifier(int(config["dim"]), int(config["tokens"]), int(config["classes"]),
                                    int(config["heads"]), int(config["queries"]))
@@ -390,6 +435,9 @@ def _check_parts(clf: Classifier) -> None:
         raise BundleMismatch(f"the LVM has vocab {clf.lvm.config.vocab_size} but the tokenizer gives {vocab} "
                              "(codes + 4 specials); the LVM was trained with another tokenizer.")
     config = head_config(clf.head)
+    if config.get("pixels") and tuple(config["pixels"]) != (clf.channels, clf.image_size):
+        raise BundleMismatch(f"the head appends pixels of {config['pixels'][0]} channel(s) at {config['pixels'][1]} px "
+                             f"but the tokenizer reads {clf.channels} at {clf.image_size} px.")
     if config["dim"] != clf.lvm.config.d_model or config["classes"] != len(clf.classes):
         raise BundleMismatch(f"the head reads width {config['dim']} into {config['classes']} classes but the LVM has "
                              f"width {clf.lvm.config.d_model} and the bundle names {len(clf.classes)} classes.")

@@ -18,7 +18,7 @@ from lvm.checkpoint import load_model_and_tokenizer
 from lvm.classifier import Classifier, LinearHead, head_config, truncate_lvm
 from lvm.data import SpecialTokens
 from lvm.probe import (LINEAR_VAL_FRACTION, METHODS, POOLS, LinearProbe, ProbeConfig, ProbeError, extract_features,
-                       pick_layer, refits_head)
+                       pick_layer, pixel_features, refits_head)
 from lvm.runtime import check_precision
 from tokenizer.images import ImageSet, load_images
 
@@ -39,6 +39,7 @@ class ClassifierTrainConfig:
     layer: int = 0  # LVM layer the head reads; 0 -> chosen on train images like lvm probe
     pool: str = _PROBE.pool  # linear head: mean, grid or tokens pooling of the layer's token states
     grid: int = _PROBE.grid  # pool=grid: token states average-pooled to grid x grid
+    pixels: bool = _PROBE.pixels  # linear head: the raw pixels appended to the LVM's features (lvm probe --pixels)
     sweep_images: int = _PROBE.sweep_images  # train images used to choose the layer
     limit_train: int = 0  # use at most this many labelled images (0 = all)
     on_error: str = "fail"  # an unreadable image in --source: fail, or skip it with a warning
@@ -63,6 +64,8 @@ class ClassifierTrainConfig:
             raise ProbeError(f"--method {self.method!r} is not one of {', '.join(METHODS)}.")
         if self.pool not in POOLS:
             raise ProbeError(f"--pool {self.pool!r} is not one of {', '.join(POOLS)}.")
+        if self.pixels and self.method != "linear":
+            raise ProbeError(f"--pixels is a linear head's read-out; --method {self.method} reads token states only.")
         if self.layer < 0:
             raise ProbeError(f"--layer {self.layer} must be >= 1, or 0 to choose it on train images.")
         if not 0 < self.test_fraction < 1:
@@ -98,7 +101,9 @@ def classifier_train(cfg: ClassifierTrainConfig) -> dict:
         from lvm.augment import token_views
 
         views = token_views(tok, train_set.images, cfg.finetune_views, flip=cfg.flip, seed=cfg.seed)
-    lvm, head, metrics = _fit_head(cfg, model, ids, labels, special, layer, len(classes), views)
+    pixels = pixel_features(train_set) if cfg.pixels else None
+    lvm, head, metrics = _fit_head(cfg, model, ids, labels, special, layer, len(classes), views, pixels,
+                                   (tok.config.channels, tok.config.image_size))
     metrics = {**metrics, "train_images": len(labels), "layer_sweep": sweep}
     info = {
         "method": cfg.method,
@@ -125,12 +130,14 @@ def build_classifier(checkpoint: str, source: str, method: str = "linear", out: 
 
 def bundle_from_probe(checkpoint: str, probe: LinearProbe, layer: int, out: str, classes: list[str] | None = None,
                       pool: str = _PROBE.pool, grid: int = _PROBE.grid, metrics: dict | None = None,
-                      tokenizer: str = "", training: dict | None = None) -> dict:
+                      tokenizer: str = "", training: dict | None = None, pixels: bool = False) -> dict:
     """Write a linear bundle around a ``LinearProbe`` already fitted on the ``pool``ed layer-``layer`` features
-    of ``checkpoint`` (as ``lvm probe`` fits at 100 % labels): nothing is refitted, so it costs seconds.
-    ``metrics`` and ``training`` (what it was fitted on) are recorded in bundle.json as given."""
+    of ``checkpoint`` (as ``lvm probe`` fits at 100 % labels), followed by the raw pixels where ``pixels``
+    (``lvm probe --pixels``): nothing is refitted, so it costs seconds. ``metrics`` and ``training`` (what it was
+    fitted on) are recorded in bundle.json as given."""
     model, tok, ckpt = load_model_and_tokenizer(checkpoint, tokenizer)
-    head = LinearHead.from_probe(probe, pool, grid, tok.grid, model.config.d_model)
+    head = LinearHead.from_probe(probe, pool, grid, tok.grid, model.config.d_model,
+                                 (tok.config.channels, tok.config.image_size) if pixels else None)
     classes = classes or [str(c) for c in range(probe.weight.shape[0])]
     info = {"method": "linear", "metrics": metrics or {},
             "training": {"checkpoint": str(ckpt), "l2": probe.l2, **(training or {})}}
@@ -154,9 +161,11 @@ def fit_linear(features: torch.Tensor, labels: torch.Tensor, classes: int | None
 
 
 def _fit_head(cfg: ClassifierTrainConfig, model, ids: torch.Tensor, labels: np.ndarray, special: SpecialTokens,
-              layer: int, classes: int, views: torch.Tensor | None = None):
+              layer: int, classes: int, views: torch.Tensor | None = None, pixels: torch.Tensor | None = None,
+              image: tuple[int, int] = (1, 28)):
     """``(LVM the head reads, head, validation metrics)`` for the configured method; ``views``: ids ``[V, N, T]``
-    of augmented images, fine-tuning's augmentation."""
+    of augmented images, fine-tuning's augmentation; ``pixels``: ``pixel_features`` the linear head appends,
+    of images of ``image`` = (channels, side)."""
     from lvm.attentive import HeadTrainConfig, fine_tune, fit_attentive
 
     y = torch.from_numpy(labels)
@@ -164,8 +173,11 @@ def _fit_head(cfg: ClassifierTrainConfig, model, ids: torch.Tensor, labels: np.n
     print(f"classifier-train: fitting the {cfg.method} head on layer {layer}", flush=True)
     if cfg.method == "linear":
         feats = extract_features(model, ids, special, layer, cfg.pool, cfg.grid, cfg.batch_size, cfg.precision)
+        if pixels is not None:
+            feats = torch.cat([feats, pixels], dim=1)
         probe, metrics = fit_linear(feats, y, classes, cfg.seed)
-        head = LinearHead.from_probe(probe, cfg.pool, cfg.grid, hw, model.config.d_model)
+        head = LinearHead.from_probe(probe, cfg.pool, cfg.grid, hw, model.config.d_model,
+                                     image if pixels is not None else None)
         return model, head, metrics
     attentive = cfg.method == "attentive"
     train_cfg = HeadTrainConfig(epochs=cfg.head_epochs if attentive else cfg.finetune_epochs,

@@ -64,6 +64,7 @@ class ProbeConfig:
     methods: list[str] = field(default_factory=lambda: ["linear"])  # linear, attentive, finetune
     pool: str = "grid"  # the linear probe's pooling: mean, grid, tokens (all token states concatenated)
     grid: int = 3  # g for pool=grid: token states average-pooled to g x g
+    pixels: bool = False  # linear probe: the raw-pixel features appended to the LVM's (detail the tokens lose)
     fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 0.3, 1.0])
     seeds: int = 3  # repeats (different label subsets) at fractions < 1
     baselines: bool = True  # raw pixels and random-init model
@@ -103,9 +104,10 @@ def run_probe(cfg: ProbeConfig) -> dict:
     """The ``lvm probe`` entry point: writes probe.json, probe.md and label_efficiency.png.
 
     Besides the paths and rows it returns (not in probe.json) ``linear_probe``: the ``LinearProbe`` fitted at
-    100 % labels on the first probed layer of the checkpoint, with that ``layer``, its ``features`` row name and
-    the ``classes``, so that a caller can ship it as a classifier (``lvm.classifier_train.bundle_from_probe``)
-    without fitting it again; ``None`` where no linear probe ran at 100 %."""
+    100 % labels on the first probed layer of the checkpoint, with that ``layer``, its ``features`` row name,
+    the ``classes`` and ``pixels`` ((channels, side) where it reads the pixels too, else None), so that a caller
+    can ship it as a classifier (``lvm.classifier_train.bundle_from_probe``) without fitting it again; ``None``
+    where no linear probe ran at 100 %."""
     _check_config(cfg)
     model, tok, ckpt = load_model_and_tokenizer(cfg.checkpoint, cfg.tokenizer)
     train_set, test_set = _labelled_sets(cfg, tok)
@@ -136,7 +138,9 @@ def run_probe(cfg: ProbeConfig) -> dict:
                                                      to_nchw(test_set.images), test_set.labels, cfg)
     results["seconds"] = round(time.time() - t0, 1)
     summary = _write_outputs(results, cfg.fractions, out)
-    return {**summary, "linear_probe": kept.get("model"), "layer": first[1], "features": first[0],
+    features = first[0] + (PIXELS_SUFFIX if cfg.pixels else "")
+    return {**summary, "linear_probe": kept.get("model"), "layer": first[1], "features": features,
+            "pixels": (tok.config.channels, tok.config.image_size) if cfg.pixels else None,
             "classes": train_set.class_names or [str(c) for c in range(int(train_set.labels.max()) + 1)]}
 
 
@@ -150,6 +154,8 @@ class ProbeTask:
     test_ids: torch.Tensor  # [M, h, w]
     test_labels: np.ndarray  # [M]
     views: Callable[[np.ndarray, int], torch.Tensor] | None = None  # (train indices, seed) -> augmented ids [V, n, h*w]
+    train_pixels: torch.Tensor | None = None  # pixel_features [N, P] where the linear probe appends them
+    test_pixels: torch.Tensor | None = None
 
 
 def _check_config(cfg: ProbeConfig) -> None:
@@ -207,8 +213,9 @@ def _encode_task(cfg: ProbeConfig, tok: Tokenizer, train_set: ImageSet, test_set
 
         def views(idx: np.ndarray, seed: int) -> torch.Tensor:  # fine-tuning's augmentation, drawn per label subset
             return token_views(tok, train_set.images[idx], cfg.finetune_views, flip=cfg.flip, seed=seed)
+    pixels = (pixel_features(train_set), pixel_features(test_set)) if cfg.pixels else (None, None)
     return ProbeTask(SpecialTokens(tok.vocab_size), tok.encode(train_set.images), train_set.labels,
-                     tok.encode(test_set.images), test_set.labels, views)
+                     tok.encode(test_set.images), test_set.labels, views, *pixels)
 
 
 def _models_to_probe(cfg: ProbeConfig, model: LVM, tok: Tokenizer, ckpt: Path) -> dict[str, LVM]:
@@ -266,6 +273,9 @@ def _linear_rows(label: str, t_train: torch.Tensor, t_test: torch.Tensor, task: 
                  cfg: ProbeConfig, keep: dict | None = None) -> list[dict]:
     hw = tuple(task.train_ids.shape[1:])
     f_train, f_test = (pool_tokens(t, cfg.pool, hw, cfg.grid) for t in (t_train, t_test))  # [N, F]
+    if task.train_pixels is not None:  # [N, F + P]: what a linear head with pixels computes (lvm.classifier)
+        f_train, f_test = torch.cat([f_train, task.train_pixels], 1), torch.cat([f_test, task.test_pixels], 1)
+        label += PIXELS_SUFFIX
     return label_efficiency(label, f_train, task.train_labels, f_test, task.test_labels, cfg.fractions, cfg.seeds,
                             cfg.seed, keep=keep)
 
@@ -331,6 +341,7 @@ def pool_tokens(tokens: torch.Tensor, pool: str, hw: tuple[int, int], grid: int 
     return torch.cat(chunks)
 
 
+PIXELS_SUFFIX = " + pixels"  # the row name of LVM features with the raw pixels appended (--pixels)
 PIXEL_FEATURES_MAX = 28 * 28 * 3  # larger images are area-downsampled to this many values
 
 

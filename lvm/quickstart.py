@@ -80,6 +80,7 @@ class QuickstartConfig:
     probe_methods: list[str] = field(default_factory=lambda: ["linear"])  # + attentive: ~4 more minutes; finetune: ~5 min a fit
     probe_pool: str = "grid"
     probe_grid: int = 3
+    probe_pixels: bool = False  # linear probe and bundle: the raw pixels appended to the LVM's features
     probe_seeds: int = 3  # label subsets per fraction < 100 % (1 % labels is noisy: ±0.5 point per subset)
     supervised: str = "auto"  # small CNN from scratch on the same labels: auto (if the probes fit half the budget with it), on, off
     seed: int = 0
@@ -169,7 +170,7 @@ def quickstart(cfg: QuickstartConfig) -> dict:
         probed = run_probe(ProbeConfig(
             checkpoint=str(lvm_dir), source=cfg.source, fractions=cfg.probe_fractions, pool=cfg.probe_pool,
             methods=cfg.probe_methods, **({"head_max_steps": 200, "finetune_max_steps": 30} if fast else {}),
-            grid=cfg.probe_grid, seeds=cfg.probe_seeds, sweep_images=1000 if fast else 5000,
+            grid=cfg.probe_grid, pixels=cfg.probe_pixels, seeds=cfg.probe_seeds, sweep_images=1000 if fast else 5000,
             limit_train=3000 if fast else budget.measured.get("probe_train_images", 0),
             limit_test=FAST_TEST_IMAGES if fast else 0,
             out=str(probe_dir), seed=cfg.seed,
@@ -267,7 +268,7 @@ class Budget:
             budget = cls(path, saved["total_s"], saved["stages"], saved["measured"])
         else:
             total = 0.0 if cfg.fast else cfg.time_budget * 60
-            measured = measure_speeds(cfg.precision, RunShape.of(split, cfg.grid)) if total > 0 else {}
+            measured = measure_speeds(cfg.precision, RunShape.of(split, cfg.grid), cfg.probe_pixels) if total > 0 else {}
             stages = {name: {} for name in ("split", "tokenizer", "tokenize", "pretrain", "generate", "probe")}
             if measured:
                 probe_s = plan_probes(measured, RunShape.of(split, cfg.grid), total, cfg.supervised,
@@ -400,12 +401,13 @@ class RunShape:
                    sum(split.get("unlabeled", {}).values()), max(1, len(split["train"])))
 
 
-def measure_speeds(precision: str = "auto", shape: RunShape | None = None) -> dict:
+def measure_speeds(precision: str = "auto", shape: RunShape | None = None, pixels: bool = False) -> dict:
     """A few seconds of timing that predict the fixed stages on this machine: the small LVM's
     forward (feature extraction), the tokenizer's encoder (tokenizing), and the matmul shape of
     the linear-probe fits, scaled to the run's image counts, size and grid; and a few training steps of
     the supervised CNN baseline at the run's image shape and batch (``plan_probes`` turns them into the
-    cost of its fits). Returns rates and the predicted seconds of the tokenize and probe stages."""
+    cost of its fits; ``pixels``: the LVM's linear probes read the raw pixels too, wider fits). Returns rates
+    and the predicted seconds of the tokenize and probe stages."""
     import torch
 
     from lvm.config import LVMConfig
@@ -434,8 +436,9 @@ def measure_speeds(precision: str = "auto", shape: RunShape | None = None) -> di
     # Per labelled training image: its features (x1.09: the measured rate overstates a full run's) and its
     # share of the L-BFGS fits, calibrated at Fashion-MNIST's 60k rows; raw pixels are pooled to <= 2352 values.
     feature_s = FEATURE_IMAGES_PER_MODEL / 75_000 / forward_ips
-    fit_s = FIT_PASSES_PER_MODEL * pass_s / 60_000
-    pixel_s = PIXEL_FIT_PASSES * pass_s / 60_000 * max(1.0, min(size * size * channels, 2352) / 784)
+    pixel_dims = min(size * size * channels, 2352)
+    fit_s = FIT_PASSES_PER_MODEL * pass_s / 60_000 * ((2304 + pixel_dims) / 2304 if pixels else 1.0)
+    pixel_s = PIXEL_FIT_PASSES * pass_s / 60_000 * max(1.0, pixel_dims / 784)
     sweep = min(5000, shape.train)
     per_model = ESTIMATE_MARGIN * (feature_s * (sweep + shape.train + shape.test) + fit_s * shape.train)
     return {"forward_images_per_s": round(forward_ips, 1), "encode_images_per_s": round(encode_ips, 1),
@@ -530,7 +533,9 @@ def write_report(out: Path, cfg: QuickstartConfig, tok_eval: dict, train_summary
         "## 4. Label efficiency (test accuracy %)",
         "",
         "Probes on the best layer (chosen on training images): `linear` is logistic regression on grid-pooled "
-        "token states, `attentive` an attention-pooling head on the frozen token states, `finetune` the LVM "
+        "token states" + (" with the image's raw pixels appended (`+ pixels`: the detail the tokens lose)"
+                          if cfg.probe_pixels else "") +
+        ", `attentive` an attention-pooling head on the frozen token states, `finetune` the LVM "
         "trained with that head. Baselines: raw pixels and (unless left out, see above) the same architecture at "
         "random init." + supervised_text(probe) + " Fractions below 100 % are means ± std over label subsets.",
         "",
@@ -572,7 +577,7 @@ def write_classifier(bundle_dir: Path, cfg: QuickstartConfig, probed: dict, spli
                                       "'lvm classifier-train' fits one on all of them")
     classes = probed["classes"][: probe.weight.shape[0]]
     return bundle_from_probe(str(Path(cfg.out) / "lvm"), probe, layer, str(bundle_dir), classes, pool=cfg.probe_pool,
-                             grid=cfg.probe_grid, metrics=metrics,
+                             grid=cfg.probe_grid, metrics=metrics, pixels=probed.get("pixels") is not None,
                              training={"source": cfg.source, "test_source": cfg.test_source or None,
                                        "by": "lvm quickstart"})
 
@@ -665,7 +670,7 @@ def classifier_lines(cfg: QuickstartConfig, shown: dict | None, split: dict) -> 
         return lines + [
             "No classifier bundle: the linear probe did not run at 100 % labels (`--probe-methods` / "
             f"`--probe-fractions`). `lvm classifier-train --checkpoint {q(run / 'lvm')} --source {q(cfg.source)} "
-            f"--out {q(run / 'classifier')}` builds one.", ""]
+            f"{'--pixels ' if cfg.probe_pixels else ''}--out {q(run / 'classifier')}` builds one.", ""]
     m = shown["metrics"]
     mib = shown["bytes"] / 2**20
     lines += [
@@ -790,6 +795,8 @@ def probe_command(cfg: QuickstartConfig, budget: Budget, *flags: str) -> str:
         parts += ["--seeds", str(cfg.probe_seeds)]
     if cfg.probe_pool != default.pool or cfg.probe_grid != default.grid:
         parts += ["--pool", cfg.probe_pool, "--grid", str(cfg.probe_grid)]
+    if cfg.probe_pixels != default.pixels:
+        parts += ["--pixels" if cfg.probe_pixels else "--no-pixels"]
     if cfg.probe_methods != default.methods:
         parts += ["--methods", *cfg.probe_methods]
     if cfg.precision != default.precision:

@@ -102,3 +102,34 @@ def test_rows_of_one_name_and_a_twin_without_its_recipe_are_refused(tmp_path):
     with pytest.raises(SystemExit):  # argparse's error: --current-ood needs --current
         main([*base, "--current-ood", str(path)])
     assert not (tmp_path / "c.json").exists()
+
+
+def test_the_pixels_block_matches_its_twin_and_counts_for_the_baselines(tmp_path):
+    import json
+
+    from bench.claim_table import main
+
+    def probe(name, accs, features="lvm (layer 6)"):
+        rows = [{"features": features, "method": "linear", "fraction": f, "acc_mean": a, "runs": 1} for f, a in accs]
+        (tmp_path / name).write_text(json.dumps({"rows": rows}))
+        return str(tmp_path / name)
+
+    base = ["--domain", probe("d.json", ((0.1, 0.80), (1.0, 0.85))),
+            "--ood", probe("o.json", ((0.1, 0.75), (1.0, 0.84))) , "--finetune", str(tmp_path / "none"),
+            "--current", probe("c.json", ((0.1, 0.83), (1.0, 0.87))),
+            "--current-ood", probe("co.json", ((0.1, 0.82), (1.0, 0.86)))]
+    pixels = ["--current-pixels", probe("cp.json", ((0.1, 0.85), (1.0, 0.89)), "lvm (layer 6) + pixels"),
+              "--current-ood-pixels", probe("cop.json", ((0.1, 0.84), (1.0, 0.88)), "lvm (layer 5) + pixels")]
+    ood = json.loads((tmp_path / "o.json").read_text())
+    ood["rows"].append({"features": "raw pixels", "method": "linear", "fraction": 1.0, "acc_mean": 0.88, "runs": 1})
+    (tmp_path / "o.json").write_text(json.dumps(ood))
+    main([*base, *pixels, "--out", str(tmp_path / "claim")])
+    rows = json.loads((tmp_path / "claim.json").read_text())["rows"]
+    px, px_ood = "current default LVM (Fashion-MNIST), linear + pixels", \
+        "out-of-domain LVM, current default's recipe (skimage crops), linear + pixels"
+    assert rows[px]["block"] == rows[px_ood]["block"] == "current + pixels" and rows[px]["role"] == "domain"
+    # the twin with pixels (88 %) is matched against the pixels block (85 -> 89 %), not the plain one (83 -> 87 %)
+    assert rows[px_ood]["domain_matches_at"] == f"{100 * 10 ** (-1 + 3 / 4):.2g} % labels"
+    assert rows["raw pixels"]["domain_matches_at"] == f"{100 * 10 ** (-1 + 3 / 4):.2g} % labels"  # best: the pixels row
+    with pytest.raises(SystemExit):  # a twin without its block
+        main([*base, "--current-ood-pixels", str(tmp_path / "cop.json"), "--out", str(tmp_path / "x")])

@@ -111,6 +111,49 @@ def test_linear_head_pools_like_the_probe():
         torch.testing.assert_close(head.pool(tokens), pool_tokens(tokens, pool, (7, 7), 3))
 
 
+@pytest.mark.parametrize("channels,side", [(1, 16), (3, 64)])  # as is; area-downsampled to 28 px (not a divisor)
+def test_linear_head_appends_the_pixels_as_the_probe_does(channels, side):
+    from lvm.probe import pixel_features
+    from tokenizer.images import ImageSet
+
+    images = np.random.default_rng(0).integers(0, 256, (4, side, side, channels), dtype=np.uint8)
+    tokens = torch.randn(4, 49, 8)
+    head = LinearHead("grid", 3, (7, 7), 8, 2, pixels=(channels, side))
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    expected = torch.cat([pool_tokens(tokens, "grid", (7, 7), 3), pixel_features(ImageSet(images, None, None, "test"))], 1)
+    torch.testing.assert_close(head.pool(tokens, x), expected, atol=1e-5, rtol=1e-5)
+    assert head.linear.in_features == expected.shape[1]
+    with pytest.raises(Exception, match="pixels"):
+        head.pool(tokens)
+
+
+def test_a_pixels_bundle_predicts_what_the_probe_fits(tiny_pipeline, labelled_folder, tmp_path):
+    """classifier-train --pixels: the head reads [pooled states, pixels], as lvm probe --pixels fits them,
+    through save and load; a probe of the other width is refused by name."""
+    from lvm.probe import pixel_features
+
+    out = tmp_path / "px"
+    classifier_train(ClassifierTrainConfig(checkpoint=tiny_pipeline["lvm"], source=str(labelled_folder), layer=2,
+                                           pixels=True, out=str(out)))
+    clf = Classifier.from_pretrained(out)
+    assert json.loads((out / "head" / "head.json").read_text())["pixels"] == [1, 16]
+    model, tok, _ = load_model_and_tokenizer(tiny_pipeline["lvm"])
+    train = load_images(str(labelled_folder), "train", size=16, channels=1)
+    feats = torch.cat([extract_features(model, tok.encode(train.images), SpecialTokens(tok.vocab_size), 2, "grid", 3),
+                       pixel_features(train)], 1)
+    probe = LinearProbe.fit(feats, torch.from_numpy(train.labels), classes=3)
+    expected = (((feats - probe.mean) / probe.std) @ probe.weight.T + probe.bias).softmax(1)
+    torch.testing.assert_close(torch.from_numpy(clf.predict(train.images)[1]), expected, atol=1e-4, rtol=1e-4)
+    assert clf.embed(train.images[:3]).shape == (3, feats.shape[1])
+    wrapped = bundle_from_probe(tiny_pipeline["lvm"], probe, 2, str(tmp_path / "wrapped"), CLASSES, pixels=True)
+    assert np.allclose(Classifier.from_pretrained(wrapped["out"]).predict(train.images)[1], clf.predict(train.images)[1],
+                       atol=1e-6)
+    with pytest.raises(Exception, match="--pixels"):
+        bundle_from_probe(tiny_pipeline["lvm"], probe, 2, str(tmp_path / "no"), CLASSES)  # pixels not declared
+    with pytest.raises(ProbeError, match="--pixels"):
+        ClassifierTrainConfig(method="attentive", pixels=True)
+
+
 def test_token_ids_are_the_tokenizers(bundle, labelled_folder):
     """The graph's first step is Tokenizer.encode's: the same ids as the shards the LVM was trained on."""
     clf = Classifier.from_pretrained(bundle[0])

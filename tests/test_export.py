@@ -110,3 +110,12 @@ def test_onnx_parity_holds_for_an_attentive_head(tiny_pipeline, tmp_path):
         torch.nn.init.normal_(clf.head.head.weight)
     parity = compare_with_torch(clf, OnnxClassifier(export_onnx(clf, tmp_path / "att.onnx")), _generated_images(64))
     assert parity["top1_agreement"] == 1.0 and parity["max_abs_prob_diff"] <= 1e-4
+
+
+def test_onnx_parity_holds_for_a_head_that_appends_the_pixels(tiny_pipeline, tmp_path):
+    classifier_train(ClassifierTrainConfig(checkpoint=tiny_pipeline["lvm"], source=tiny_pipeline["npz"], layer=2,
+                                           pixels=True, out=str(tmp_path / "px")))
+    clf = Classifier.from_pretrained(tmp_path / "px")
+    assert clf.head.pixels == (1, 16)
+    parity = compare_with_torch(clf, OnnxClassifier(export_onnx(clf, tmp_path / "px.onnx")), _generated_images(64))
+    assert parity["top1_agreement"] == 1.0 and parity["max_abs_prob_diff"] <= 1e-4

@@ -159,3 +159,18 @@ def test_linear_probe_chooses_l2_on_a_row_subset_then_refits_on_all():
     assert cut.l2 in (1e-4, 1e-3, 1e-2, 1e-1) and cut.accuracy(x, y) >= whole.accuracy(x, y) - 0.02 > 0.9
     # the refit reads every row: standardisation statistics are those of all 600
     assert torch.allclose(cut.mean, x.mean(0)) and torch.allclose(cut.std, x.std(0))
+
+
+def test_probe_appends_the_pixels_to_the_lvm_features(tiny_pipeline, tmp_path):
+    """--pixels: the linear probe reads [LVM features, raw pixels]; the bands that make the class are in the
+    pixels, so the joint probe separates them; the 100 % probe handed back for a bundle is that joint one."""
+    common = dict(checkpoint=tiny_pipeline["lvm"], source=tiny_pipeline["npz"], fractions=[1.0], seeds=1, layers=[2],
+                  baselines=False, pool="grid", grid=2)
+    plain = run_probe(ProbeConfig(**common, out=str(tmp_path / "plain")))
+    joint = run_probe(ProbeConfig(**common, pixels=True, out=str(tmp_path / "joint")))
+    (p,), (j,) = plain["rows"], joint["rows"]
+    assert p["features"] == "lvm (layer 2)" and j["features"] == "lvm (layer 2) + pixels"
+    assert j["dim"] == p["dim"] + 16 * 16  # 16x16 grey pixels appended
+    assert j["acc_mean"] > 0.9
+    assert plain["pixels"] is None and joint["pixels"] == (1, 16)
+    assert joint["features"] == j["features"] and joint["linear_probe"].weight.shape == (3, j["dim"])

@@ -43,7 +43,7 @@ def _check_classifier(out, source, report):
     row = next(r for r in probe["rows"] if r["features"].startswith("lvm (layer") and r["method"] == "linear"
                and r["fraction"] == 1.0)
     clf = Classifier.from_pretrained(out / "classifier")
-    assert f"lvm (layer {clf.layer})" == row["features"]
+    assert f"lvm (layer {clf.layer})" + (" + pixels" if clf.head.pixels else "") == row["features"]
     test = load_images(source, "test", size=clf.image_size, channels=clf.channels, limit=1000)
     labels, _ = clf.predict(test.images)
     accuracy = float(np.mean([label == str(y) for label, y in zip(labels, test.labels)]))
@@ -65,7 +65,7 @@ def test_budget_shares_follow_the_measured_fixed_stages(tmp_path, monkeypatch):
 
     fake = {"forward_images_per_s": 1.0, "encode_images_per_s": 1.0, "fit_pass_s": 0.1,
             "tokenize_s": 120.0, "probe_s_per_model": 250.0, "probe_pixels_s": 100.0}
-    monkeypatch.setattr(qs, "measure_speeds", lambda precision, shape=None: fake)
+    monkeypatch.setattr(qs, "measure_speeds", lambda precision, shape=None, pixels=False: fake)
     budget = qs.Budget.load_or_plan(tmp_path, QuickstartConfig(out=str(tmp_path), time_budget=30))
     left = 1800 - 120 - 600 - qs.SLACK_S
     assert budget.share("tokenizer") == pytest.approx(qs.TOKENIZER_SHARE * left)
@@ -78,7 +78,7 @@ def test_budget_shares_follow_the_measured_fixed_stages(tmp_path, monkeypatch):
     assert "30-minute budget" in lines and "| tokenize | 120.0 | 100.0 |" in lines
     assert budget.measured["random_init"] and "left out" not in lines  # 600 s <= a third of 30 min
     slow = dict(fake, probe_s_per_model=400.0)  # 900 s > 600 s: the random-init model is left out
-    monkeypatch.setattr(qs, "measure_speeds", lambda precision, shape=None: dict(slow))
+    monkeypatch.setattr(qs, "measure_speeds", lambda precision, shape=None, pixels=False: dict(slow))
     tight = qs.Budget.load_or_plan(tmp_path / "slow", QuickstartConfig(time_budget=30))
     assert not tight.measured["random_init"] and tight.stages["probe"]["estimate_s"] == 500.0
     assert "left out" in "\n".join(qs.budget_lines(tight, QuickstartConfig()))
@@ -166,7 +166,7 @@ def test_supervised_baseline_runs_when_the_probe_stage_with_it_fits_half_the_bud
     assert "--limit-train" in qs.probe_command(qs.QuickstartConfig(), qs.Budget(None, 1800, {}, forced), "--supervised")
 
     # the quickstart's plan passes --supervised and the probe settings through, and keeps the decision on a resume
-    monkeypatch.setattr(qs, "measure_speeds", lambda precision, shape=None: {"tokenize_s": 60.0, **probes, **CNN})
+    monkeypatch.setattr(qs, "measure_speeds", lambda precision, shape=None, pixels=False: {"tokenize_s": 60.0, **probes, **CNN})
     planned = qs.Budget.load_or_plan(tmp_path, QuickstartConfig(out=str(tmp_path), time_budget=20))
     assert planned.measured["supervised"] is False and planned.stages["probe"]["estimate_s"] == 350.0
     assert qs.run_supervised(QuickstartConfig(), qs.Budget.load_or_plan(tmp_path, QuickstartConfig())) is False
