@@ -77,7 +77,7 @@ LEVERS: dict[str, dict] = {
                    "probe": ["--layers", "6"],
                    "why": "grid14_batch8's recipe (14x14 tokens, 240 steps of 8 rows) on scikit-image crops (28 px grey): "
                           "out of domain; probed at layer 6 like grid14"},
-    # the grid-14 curve further out: 1,000 steps of 8 rows (4.2x grid14_batch8's tokens, ~2.3x the default's compute)
+    # the grid-14 curve further out: 1,000 steps of 8 rows (4.2x grid14_batch8's tokens, 2.5x the default's seconds)
     "grid14_long": {"base": "grid14", "train": ["--batch-size", "8"], "lvm_steps": 1000, "probe": ["--layers", "6"],
                     "why": "grid14 with 8 rows a step and 1,000 steps (its tokenizer and shards; probed at layer 6 "
                            "like grid14): beyond the default's compute, a point on the grid-14 curve"},
