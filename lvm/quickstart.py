@@ -80,7 +80,8 @@ class QuickstartConfig:
     probe_methods: list[str] = field(default_factory=lambda: ["linear"])  # + attentive: ~4 more minutes; finetune: ~5 min a fit
     probe_pool: str = "grid"
     probe_grid: int = 3
-    probe_pixels: bool = False  # linear probe and bundle: the raw pixels appended to the LVM's features
+    # +1.8 / +1.4 / +0.9 / +0.9 points at 1 / 10 / 30 / 100 % labels on Fashion-MNIST (bench/results/claim-table-cpu.md)
+    probe_pixels: bool = True  # linear probe and bundle: the raw pixels appended to the LVM's features
     probe_seeds: int = 3  # label subsets per fraction < 100 % (1 % labels is noisy: ±0.5 point per subset)
     supervised: str = "auto"  # small CNN from scratch on the same labels: auto (if the probes fit half the budget with it), on, off
     seed: int = 0
