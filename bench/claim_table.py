@@ -12,7 +12,7 @@ test images no stage trained or chose on, in blocks of one pretraining recipe ea
 - with ``--current``: the current default recipe's checkpoint (its quickstart), linear probe, and with
   ``--current-ood`` the same recipe and step counts pretrained on scikit-image crops, probed alike; with
   ``--current-pixels`` / ``--current-ood-pixels`` the same two checkpoints probed with the raw pixels appended
-  to their features (``lvm probe --pixels``), a block of their own;
+  to their features (``lvm probe --pixels on``), a block of their own;
 - domain LVM: tokenizer and LVM pretrained on Fashion-MNIST train (an earlier default quickstart), linear
   probe, and its LP-FT fine-tuning (with and without the head refit) where ``bench.finetune_levers``
   measured it, averaged over the label subsets run; its out-of-domain twin (``bench.pretrain_levers
@@ -51,10 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="probe.json of --current's recipe pretrained out of domain: the last column matches it "
                         "against --current's rows only")
     p.add_argument("--current-pixels", default="",
-                   help="probe.json of --current's checkpoint probed with --pixels (the raw pixels appended to its "
+                   help="probe.json of --current's checkpoint probed with --pixels on (the raw pixels appended to its "
                         "features): a block of its own")
     p.add_argument("--current-ood-pixels", default="",
-                   help="probe.json of --current-ood's checkpoint probed with --pixels, matched against "
+                   help="probe.json of --current-ood's checkpoint probed with --pixels on, matched against "
                         "--current-pixels' rows only")
     p.add_argument("--current-label", default="current default LVM (Fashion-MNIST)")
     p.add_argument("--current-ood-label", default="out-of-domain LVM, current default's recipe (skimage crops)")
@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.current_ood_pixels and not args.current_pixels:
         p.error("--current-ood-pixels is the out-of-domain twin of --current-pixels: pass --current-pixels too")
     if args.current_pixels and not args.current:
-        p.error("--current-pixels probes --current's checkpoint with --pixels: pass --current too")
+        p.error("--current-pixels probes --current's checkpoint with --pixels on: pass --current too")
     return args
 
 

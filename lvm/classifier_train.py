@@ -39,7 +39,7 @@ class ClassifierTrainConfig:
     layer: int = 0  # LVM layer the head reads; 0 -> chosen on train images like lvm probe
     pool: str = _PROBE.pool  # linear head: mean, grid or tokens pooling of the layer's token states
     grid: int = _PROBE.grid  # pool=grid: token states average-pooled to grid x grid
-    pixels: bool = _PROBE.pixels  # linear head: the raw pixels appended to the LVM's features (lvm probe --pixels)
+    pixels: bool = False  # linear head: the raw pixels appended to the LVM's features (lvm probe --pixels on)
     sweep_images: int = _PROBE.sweep_images  # train images used to choose the layer
     limit_train: int = 0  # use at most this many labelled images (0 = all)
     on_error: str = "fail"  # an unreadable image in --source: fail, or skip it with a warning

@@ -64,7 +64,9 @@ class ProbeConfig:
     methods: list[str] = field(default_factory=lambda: ["linear"])  # linear, attentive, finetune
     pool: str = "grid"  # the linear probe's pooling: mean, grid, tokens (all token states concatenated)
     grid: int = 3  # g for pool=grid: token states average-pooled to g x g
-    pixels: bool = False  # linear probe: the raw-pixel features appended to the LVM's (detail the tokens lose)
+    # linear probe: the raw-pixel features appended to the LVM's (the detail the tokens lose): off, on, or auto (kept
+    # where they score better on a held-out part of the training images, at the checkpoint's first probed layer)
+    pixels: str = "off"
     fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 0.3, 1.0])
     seeds: int = 3  # repeats (different label subsets) at fractions < 1
     baselines: bool = True  # raw pixels and random-init model
@@ -121,6 +123,8 @@ def run_probe(cfg: ProbeConfig) -> dict:
     first = None
     for name, m in _models_to_probe(cfg, model, tok, ckpt).items():
         layers = cfg.layers or [_choose_layer(name, m, task, cfg, results)]
+        if first is None and cfg.pixels == "auto":  # decided once, on the checkpoint; every model is read alike
+            _decide_pixels(m, layers[0], task, cfg, results)
         for layer in layers:
             label = f"{name} (layer {layer})"
             first = first or (label, layer)
@@ -138,9 +142,10 @@ def run_probe(cfg: ProbeConfig) -> dict:
                                                      to_nchw(test_set.images), test_set.labels, cfg)
     results["seconds"] = round(time.time() - t0, 1)
     summary = _write_outputs(results, cfg.fractions, out)
-    features = first[0] + (PIXELS_SUFFIX if cfg.pixels else "")
+    pixels = task.train_pixels is not None
+    features = first[0] + (PIXELS_SUFFIX if pixels else "")
     return {**summary, "linear_probe": kept.get("model"), "layer": first[1], "features": features,
-            "pixels": (tok.config.channels, tok.config.image_size) if cfg.pixels else None,
+            "pixels": (tok.config.channels, tok.config.image_size) if pixels else None,
             "classes": train_set.class_names or [str(c) for c in range(int(train_set.labels.max()) + 1)]}
 
 
@@ -171,6 +176,8 @@ def _check_config(cfg: ProbeConfig) -> None:
         raise ProbeError(f"fractions {bad} must lie in (0, 1].")
     if cfg.finetune_init not in ("attentive", "probe"):
         raise ProbeError(f"finetune_init={cfg.finetune_init!r} is not one of attentive, probe.")
+    if cfg.pixels not in PIXELS_CHOICES:
+        raise ProbeError(f"pixels={cfg.pixels!r} is not one of {', '.join(PIXELS_CHOICES)}.")
     if cfg.finetune_views < 0 or cfg.finetune_train_blocks < 0 or cfg.finetune_mixup < 0:
         raise ProbeError("finetune_views, finetune_train_blocks and finetune_mixup must be >= 0.")
     if not 0 <= cfg.finetune_ema < 1 or not 0 < cfg.finetune_layer_decay <= 1:
@@ -213,7 +220,7 @@ def _encode_task(cfg: ProbeConfig, tok: Tokenizer, train_set: ImageSet, test_set
 
         def views(idx: np.ndarray, seed: int) -> torch.Tensor:  # fine-tuning's augmentation, drawn per label subset
             return token_views(tok, train_set.images[idx], cfg.finetune_views, flip=cfg.flip, seed=seed)
-    pixels = (pixel_features(train_set), pixel_features(test_set)) if cfg.pixels else (None, None)
+    pixels = (pixel_features(train_set), pixel_features(test_set)) if cfg.pixels != "off" else (None, None)
     return ProbeTask(SpecialTokens(tok.vocab_size), tok.encode(train_set.images), train_set.labels,
                      tok.encode(test_set.images), test_set.labels, views, *pixels)
 
@@ -241,6 +248,31 @@ def _choose_layer(name: str, model: LVM, task: ProbeTask, cfg: ProbeConfig, resu
     results["seconds_by_stage"][f"{name}: layer sweep"] = round(time.time() - tic, 1)
     results["layer_sweep"][name] = scores
     return best
+
+
+def _decide_pixels(model: LVM, layer: int, task: ProbeTask, cfg: ProbeConfig, results: dict) -> None:
+    """``--pixels auto``: keep the pixels in ``task`` only where states + pixels beat the states alone on a held-out
+    part of ``sweep_images`` training images (as the layer sweep splits them); the scores go to ``results``."""
+    rng = np.random.default_rng(cfg.seed)
+    idx = rng.permutation(len(task.train_ids))[: min(cfg.sweep_images, len(task.train_ids))]
+    states = extract_features(model, task.train_ids[idx], task.special, layer, cfg.pool if cfg.pool != "tokens" else "grid",
+                              cfg.grid, cfg.batch_size, cfg.precision)
+    keep, scores = pixels_pay(states, task.train_pixels[idx], task.train_labels[idx])
+    results["pixels_choice"] = {"layer": layer, "images": len(idx), "val_accuracy": scores, "kept": keep}
+    print(f"probe: pixels {'kept' if keep else 'left out'} (held-out training images: states "
+          f"{100 * scores['states']:.1f} %, states + pixels {100 * scores['states + pixels']:.1f} %)", flush=True)
+    if not keep:
+        task.train_pixels = task.test_pixels = None
+
+
+def pixels_pay(states: torch.Tensor, pixels: torch.Tensor, labels: np.ndarray) -> tuple[bool, dict[str, float]]:
+    """Whether appending ``pixels`` to ``states`` scores better on the last 20 % of the rows, fitted on the first 80 %
+    (rows in random order, as ``pick_layer`` splits them), and both accuracies."""
+    cut, y = int(len(states) * 0.8), torch.as_tensor(labels)
+    scores = {}
+    for name, x in (("states", states), ("states + pixels", torch.cat([states, pixels], 1))):
+        scores[name] = LinearProbe.fit(x[:cut], y[:cut]).accuracy(x[cut:], y[cut:])
+    return scores["states + pixels"] > scores["states"], scores
 
 
 def _probe_layer(label: str, model: LVM, layer: int, task: ProbeTask, cfg: ProbeConfig, clock: dict,
@@ -341,6 +373,7 @@ def pool_tokens(tokens: torch.Tensor, pool: str, hw: tuple[int, int], grid: int 
     return torch.cat(chunks)
 
 
+PIXELS_CHOICES = ("off", "on", "auto")
 PIXELS_SUFFIX = " + pixels"  # the row name of LVM features with the raw pixels appended (--pixels)
 PIXEL_FEATURES_MAX = 28 * 28 * 3  # larger images are area-downsampled to this many values
 

@@ -80,8 +80,9 @@ class QuickstartConfig:
     probe_methods: list[str] = field(default_factory=lambda: ["linear"])  # + attentive: ~4 more minutes; finetune: ~5 min a fit
     probe_pool: str = "grid"
     probe_grid: int = 3
-    # +1.8 / +1.4 / +0.9 / +0.9 points at 1 / 10 / 30 / 100 % labels on Fashion-MNIST (bench/results/claim-table-cpu.md)
-    probe_pixels: bool = True  # linear probe and bundle: the raw pixels appended to the LVM's features
+    # +1.8 / +1.4 / +0.9 / +0.9 points at 1 / 10 / 30 / 100 % labels on Fashion-MNIST, -0.7 / +0.2 / -1.2 on scikit-image
+    # crops, where pixels alone score 37 % (bench/results/claim-table-cpu.md): so "auto" checks on training images
+    probe_pixels: str = "auto"  # linear probe and bundle: raw pixels appended to the LVM's features: auto, on, off
     probe_seeds: int = 3  # label subsets per fraction < 100 % (1 % labels is noisy: ±0.5 point per subset)
     supervised: str = "auto"  # small CNN from scratch on the same labels: auto (if the probes fit half the budget with it), on, off
     seed: int = 0
@@ -269,7 +270,7 @@ class Budget:
             budget = cls(path, saved["total_s"], saved["stages"], saved["measured"])
         else:
             total = 0.0 if cfg.fast else cfg.time_budget * 60
-            measured = measure_speeds(cfg.precision, RunShape.of(split, cfg.grid), cfg.probe_pixels) if total > 0 else {}
+            measured = measure_speeds(cfg.precision, RunShape.of(split, cfg.grid), cfg.probe_pixels != "off") if total > 0 else {}
             stages = {name: {} for name in ("split", "tokenizer", "tokenize", "pretrain", "generate", "probe")}
             if measured:
                 probe_s = plan_probes(measured, RunShape.of(split, cfg.grid), total, cfg.supervised,
@@ -535,7 +536,8 @@ def write_report(out: Path, cfg: QuickstartConfig, tok_eval: dict, train_summary
         "",
         "Probes on the best layer (chosen on training images): `linear` is logistic regression on grid-pooled "
         "token states" + (" with the image's raw pixels appended (`+ pixels`: the detail the tokens lose)"
-                          if cfg.probe_pixels else "") +
+                          + (" where that scored better on held-out training images" if cfg.probe_pixels == "auto"
+                             else "") if cfg.probe_pixels != "off" else "") +
         ", `attentive` an attention-pooling head on the frozen token states, `finetune` the LVM "
         "trained with that head. Baselines: raw pixels and (unless left out, see above) the same architecture at "
         "random init." + supervised_text(probe) + " Fractions below 100 % are means ± std over label subsets.",
@@ -671,7 +673,7 @@ def classifier_lines(cfg: QuickstartConfig, shown: dict | None, split: dict) -> 
         return lines + [
             "No classifier bundle: the linear probe did not run at 100 % labels (`--probe-methods` / "
             f"`--probe-fractions`). `lvm classifier-train --checkpoint {q(run / 'lvm')} --source {q(cfg.source)} "
-            f"{'--pixels ' if cfg.probe_pixels else ''}--out {q(run / 'classifier')}` builds one.", ""]
+            f"{'--pixels ' if cfg.probe_pixels == 'on' else ''}--out {q(run / 'classifier')}` builds one.", ""]
     m = shown["metrics"]
     mib = shown["bytes"] / 2**20
     lines += [
@@ -797,7 +799,7 @@ def probe_command(cfg: QuickstartConfig, budget: Budget, *flags: str) -> str:
     if cfg.probe_pool != default.pool or cfg.probe_grid != default.grid:
         parts += ["--pool", cfg.probe_pool, "--grid", str(cfg.probe_grid)]
     if cfg.probe_pixels != default.pixels:
-        parts += ["--pixels" if cfg.probe_pixels else "--no-pixels"]
+        parts += ["--pixels", cfg.probe_pixels]
     if cfg.probe_methods != default.methods:
         parts += ["--methods", *cfg.probe_methods]
     if cfg.precision != default.precision:

@@ -162,15 +162,42 @@ def test_linear_probe_chooses_l2_on_a_row_subset_then_refits_on_all():
 
 
 def test_probe_appends_the_pixels_to_the_lvm_features(tiny_pipeline, tmp_path):
-    """--pixels: the linear probe reads [LVM features, raw pixels]; the bands that make the class are in the
+    """--pixels on: the linear probe reads [LVM features, raw pixels]; the bands that make the class are in the
     pixels, so the joint probe separates them; the 100 % probe handed back for a bundle is that joint one."""
     common = dict(checkpoint=tiny_pipeline["lvm"], source=tiny_pipeline["npz"], fractions=[1.0], seeds=1, layers=[2],
                   baselines=False, pool="grid", grid=2)
     plain = run_probe(ProbeConfig(**common, out=str(tmp_path / "plain")))
-    joint = run_probe(ProbeConfig(**common, pixels=True, out=str(tmp_path / "joint")))
+    joint = run_probe(ProbeConfig(**common, pixels="on", out=str(tmp_path / "joint")))
     (p,), (j,) = plain["rows"], joint["rows"]
     assert p["features"] == "lvm (layer 2)" and j["features"] == "lvm (layer 2) + pixels"
     assert j["dim"] == p["dim"] + 16 * 16  # 16x16 grey pixels appended
     assert j["acc_mean"] > 0.9
     assert plain["pixels"] is None and joint["pixels"] == (1, 16)
     assert joint["features"] == j["features"] and joint["linear_probe"].weight.shape == (3, j["dim"])
+
+
+def test_pixels_are_kept_only_where_they_score_better_on_held_out_training_rows():
+    from lvm.probe import pixels_pay
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(1000) % 4
+    signal = torch.randn(4, 16, generator=g)[y] * 2 + torch.randn(1000, 16, generator=g)
+    noise = torch.randn(1000, 64, generator=g)
+    keep, scores = pixels_pay(noise, signal, y.numpy())  # the class is in the pixels only
+    assert keep and scores["states + pixels"] > scores["states"] + 0.3
+    keep, scores = pixels_pay(signal, noise, y.numpy())  # pixels that carry nothing are left out
+    assert not keep and scores["states"] >= scores["states + pixels"]
+
+
+def test_probe_pixels_auto_records_its_choice_and_reads_the_features_it_chose(tiny_pipeline, tmp_path):
+    cfg = ProbeConfig(checkpoint=tiny_pipeline["lvm"], source=tiny_pipeline["npz"], fractions=[1.0], seeds=1,
+                      layers=[2], baselines=False, pool="grid", grid=2, pixels="auto", sweep_images=100,
+                      out=str(tmp_path))
+    summary = run_probe(cfg)
+    choice = json.loads((tmp_path / "probe.json").read_text())["pixels_choice"]
+    assert choice["layer"] == 2 and choice["images"] == 100 and set(choice["val_accuracy"]) == {"states", "states + pixels"}
+    (row,) = summary["rows"]
+    assert row["features"].endswith(" + pixels") == choice["kept"] == (summary["pixels"] is not None)
+    with pytest.raises(ProbeError, match="pixels"):
+        run_probe(ProbeConfig(checkpoint=tiny_pipeline["lvm"], source=tiny_pipeline["npz"], pixels="yes",
+                              out=str(tmp_path / "bad")))
