@@ -135,7 +135,7 @@ def test_supervised_baseline_runs_when_the_probe_stage_with_it_fits_half_the_bud
     budget = qs.Budget(None, 1200, {"probe": {}}, measured)
     lines = "\n".join(qs.budget_lines(budget, qs.QuickstartConfig()))
     assert "supervised CNN baseline" in lines and f"predicted at {cnn_s:.0f} s" in lines
-    command = "lvm probe --checkpoint runs/quickstart/lvm --supervised --out runs/quickstart/probe-baselines"
+    command = "lvm probe --checkpoint runs/quickstart/lvm --pixels auto --supervised --out runs/quickstart/probe-baselines"
     assert f"`{command}` runs it." in lines  # the random-init model was left out too: the command runs both
     assert not qs.run_supervised(qs.QuickstartConfig(), budget)
     assert qs.run_supervised(qs.QuickstartConfig(supervised="on"), budget)
@@ -145,7 +145,7 @@ def test_supervised_baseline_runs_when_the_probe_stage_with_it_fits_half_the_bud
     assert cheap["random_init"] and not cheap["supervised"]
     cfg = qs.QuickstartConfig(out="runs/mine", source="my images/", probe_fractions=[0.1, 1.0])
     lines = "\n".join(qs.budget_lines(qs.Budget(None, 1800, {"probe": {}}, cheap), cfg))
-    assert ("`lvm probe --checkpoint runs/mine/lvm --source 'my images/' --fractions 0.1 1 --supervised "
+    assert ("`lvm probe --checkpoint runs/mine/lvm --source 'my images/' --fractions 0.1 1 --pixels auto --supervised "
             "--no-random-init --out runs/mine/probe-baselines` runs it") in lines
     assert "random-init baseline was left out" not in lines
 
