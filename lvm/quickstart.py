@@ -537,7 +537,7 @@ def write_report(out: Path, cfg: QuickstartConfig, tok_eval: dict, train_summary
         "Probes on the best layer (chosen on training images): `linear` is logistic regression on grid-pooled "
         "token states" + (" with the image's raw pixels appended (`+ pixels`: the detail the tokens lose)"
                           + (" where that scored better on held-out training images" if cfg.probe_pixels == "auto"
-                             else "") if cfg.probe_pixels != "off" else "") +
+                             else "") if cfg.probe_pixels != "off" else "") + pixels_choice_text(probe) +
         ", `attentive` an attention-pooling head on the frozen token states, `finetune` the LVM "
         "trained with that head. Baselines: raw pixels and (unless left out, see above) the same architecture at "
         "random init." + supervised_text(probe) + " Fractions below 100 % are means ± std over label subsets.",
@@ -810,6 +810,17 @@ def probe_command(cfg: QuickstartConfig, budget: Budget, *flags: str) -> str:
     if "--supervised" in flags and budget.measured.get("random_init") is not False:
         parts.append("--no-random-init")
     return " ".join(parts + ["--out", q(run / "probe-baselines")])
+
+
+def pixels_choice_text(probe: dict) -> str:
+    """What ``--probe-pixels auto`` decided in this run, and on what, for the report ('' where it did not run)."""
+    choice = probe.get("pixels_choice")
+    if not choice:
+        return ""
+    acc, held = choice["val_accuracy"], choice["images"] - int(choice["images"] * 0.8)
+    return (f" (this run: {'kept' if choice['kept'] else 'left out'}; states + pixels "
+            f"{100 * acc['states + pixels']:.1f} % vs states {100 * acc['states']:.1f} % on {held:,} held-out training "
+            f"images at layer {choice['layer']})")
 
 
 def supervised_text(probe: dict) -> str:

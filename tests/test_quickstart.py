@@ -16,6 +16,8 @@ def test_quickstart_fast_end_to_end_and_resume(tiny_pipeline, tmp_path):
         assert (out / name).exists(), name
     report = (out / "report.md").read_text()
     assert "raw pixels" in report and "![completions](generate/grid.png)" in report
+    choice = json.loads((out / "probe" / "probe.json").read_text())["pixels_choice"]  # --probe-pixels auto
+    assert f"(this run: {'kept' if choice['kept'] else 'left out'}; states + pixels" in report
     rows = json.loads((out / "probe" / "probe.json").read_text())["rows"]
     cnn = {r["fraction"]: r for r in rows if r["features"] == "supervised CNN"}  # --supervised auto: on in --fast
     assert sorted(cnn) == [0.5, 1.0] and cnn[0.5]["runs"] == 3 and cnn[1.0]["runs"] == 1
