@@ -257,9 +257,8 @@ class LinearHead(nn.Module):
         self.pixels = tuple(pixels) if pixels else None
         if self.pixels:
             channels, side = self.pixels
-            small = pixel_side(channels, side)
-            self.register_buffer("pixel_matrix", _avg_matrix(side, small))  # [s, S]: area downsampling, one axis
-            features += channels * small * small
+            self.register_buffer("pixel_matrix", _avg_matrix(side, pixel_side(channels, side)))  # [s, S], one axis
+            features += pixel_dims(*self.pixels)
         self.register_buffer("mean", torch.zeros(features))
         self.register_buffer("std", torch.ones(features))
         self.linear = nn.Linear(features, classes)
@@ -307,6 +306,11 @@ def pixel_side(channels: int, side: int) -> int:
     return side if channels * side * side <= PIXEL_FEATURES_MAX else min(side, int(math.sqrt(PIXEL_FEATURES_MAX / channels)))
 
 
+def pixel_dims(channels: int, side: int) -> int:
+    """How many values ``pixel_features`` gives a ``channels`` x ``side`` px image."""
+    return channels * pixel_side(channels, side) ** 2
+
+
 def _avg_matrix(side: int, small: int) -> torch.Tensor:
     """``[small, side]``: row i averages the pixels of adaptive pooling's window i (identity when equal)."""
     return F.adaptive_avg_pool1d(torch.eye(side)[None], small)[0].T.contiguous()
@@ -326,12 +330,9 @@ def head_config(head: nn.Module) -> dict:
     """The JSON that rebuilds ``head`` (its kind and shapes) before its safetensors are loaded."""
     if isinstance(head, LinearHead):
         cells = head.hw[0] * head.hw[1] if head.pool_name == "tokens" else len(head.pool_matrix)
-        pixel_dims = 0
-        if head.pixels:
-            channels, side = head.pixels
-            pixel_dims = channels * pixel_side(channels, side) ** 2
+        appended = pixel_dims(*head.pixels) if head.pixels else 0
         config = {"kind": "linear", "pool": head.pool_name, "grid": head.grid, "hw": list(head.hw),
-                  "dim": (head.linear.in_features - pixel_dims) // cells, "classes": head.linear.out_features}
+                  "dim": (head.linear.in_features - appended) // cells, "classes": head.linear.out_features}
         return {**config, "pixels": list(head.pixels)} if head.pixels else config
     if isinstance(head, AttentiveClassifier):
         pool = head.pool

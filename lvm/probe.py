@@ -122,9 +122,10 @@ def run_probe(cfg: ProbeConfig) -> dict:
     kept: dict = {}  # the checkpoint's 100 %-labels linear probe on its first layer, for a classifier bundle
     first = None
     for name, m in _models_to_probe(cfg, model, tok, ckpt).items():
-        layers = cfg.layers or [_choose_layer(name, m, task, cfg, results)]
+        sweep: dict[int, torch.Tensor] = {}  # the chosen layer's features on the sweep's images
+        layers = cfg.layers or [_choose_layer(name, m, task, cfg, results, sweep)]
         if first is None and cfg.pixels == "auto":  # decided once, on the checkpoint; every model is read alike
-            _decide_pixels(m, layers[0], task, cfg, results)
+            _decide_pixels(m, layers[0], task, cfg, results, sweep.get(layers[0]))
         for layer in layers:
             label = f"{name} (layer {layer})"
             first = first or (label, layer)
@@ -239,24 +240,27 @@ def _models_to_probe(cfg: ProbeConfig, model: LVM, tok: Tokenizer, ckpt: Path) -
     return models
 
 
-def _choose_layer(name: str, model: LVM, task: ProbeTask, cfg: ProbeConfig, results: dict) -> int:
-    """``pick_layer`` on train images only, its scores and time recorded in ``results``."""
+def _choose_layer(name: str, model: LVM, task: ProbeTask, cfg: ProbeConfig, results: dict,
+                  keep: dict | None = None) -> int:
+    """``pick_layer`` on train images only, its scores and time recorded in ``results``; ``keep``: see pick_layer."""
     n = min(cfg.sweep_images, len(task.train_ids))
     print(f"probe: choosing the layer of {name} on {n} train images", flush=True)
     tic = time.time()
-    best, scores = pick_layer(model, task.train_ids, task.train_labels, task.special, cfg)
+    best, scores = pick_layer(model, task.train_ids, task.train_labels, task.special, cfg, keep)
     results["seconds_by_stage"][f"{name}: layer sweep"] = round(time.time() - tic, 1)
     results["layer_sweep"][name] = scores
     return best
 
 
-def _decide_pixels(model: LVM, layer: int, task: ProbeTask, cfg: ProbeConfig, results: dict) -> None:
+def _decide_pixels(model: LVM, layer: int, task: ProbeTask, cfg: ProbeConfig, results: dict,
+                   states: torch.Tensor | None = None) -> None:
     """``--pixels auto``: keep the pixels in ``task`` only where states + pixels beat the states alone on a held-out
-    part of ``sweep_images`` training images (as the layer sweep splits them); the scores go to ``results``."""
-    rng = np.random.default_rng(cfg.seed)
-    idx = rng.permutation(len(task.train_ids))[: min(cfg.sweep_images, len(task.train_ids))]
-    states = extract_features(model, task.train_ids[idx], task.special, layer, cfg.pool if cfg.pool != "tokens" else "grid",
-                              cfg.grid, cfg.batch_size, cfg.precision)
+    part of the layer sweep's training images, split as the sweep splits them; the scores go to ``results``.
+    ``states``: the sweep's features of ``layer`` where it ran (else they are extracted here)."""
+    idx = sweep_rows(len(task.train_ids), cfg)
+    if states is None:
+        states = extract_features(model, task.train_ids[idx], task.special, layer, sweep_pool(cfg), cfg.grid,
+                                  cfg.batch_size, cfg.precision)
     keep, scores = pixels_pay(states, task.train_pixels[idx], task.train_labels[idx])
     results["pixels_choice"] = {"layer": layer, "images": len(idx), "val_accuracy": scores, "kept": keep}
     print(f"probe: pixels {'kept' if keep else 'left out'} (held-out training images: states "
@@ -268,7 +272,7 @@ def _decide_pixels(model: LVM, layer: int, task: ProbeTask, cfg: ProbeConfig, re
 def pixels_pay(states: torch.Tensor, pixels: torch.Tensor, labels: np.ndarray) -> tuple[bool, dict[str, float]]:
     """Whether appending ``pixels`` to ``states`` scores better on the last 20 % of the rows, fitted on the first 80 %
     (rows in random order, as ``pick_layer`` splits them), and both accuracies."""
-    cut, y = int(len(states) * 0.8), torch.as_tensor(labels)
+    cut, y = int(len(states) * SWEEP_FIT_SHARE), torch.as_tensor(labels)
     scores = {}
     for name, x in (("states", states), ("states + pixels", torch.cat([states, pixels], 1))):
         scores[name] = LinearProbe.fit(x[:cut], y[:cut]).accuracy(x[cut:], y[cut:])
@@ -373,6 +377,7 @@ def pool_tokens(tokens: torch.Tensor, pool: str, hw: tuple[int, int], grid: int 
     return torch.cat(chunks)
 
 
+SWEEP_FIT_SHARE = 0.8  # choices on training images (layer, pixels) fit on this share of the rows, score on the rest
 PIXELS_CHOICES = ("off", "on", "auto")
 PIXELS_SUFFIX = " + pixels"  # the row name of LVM features with the raw pixels appended (--pixels)
 PIXEL_FEATURES_MAX = 28 * 28 * 3  # larger images are area-downsampled to this many values
@@ -389,20 +394,32 @@ def pixel_features(images: ImageSet) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(n, -1)
 
 
+def sweep_rows(n: int, cfg: ProbeConfig) -> np.ndarray:
+    """The training rows every choice on training images reads (``sweep_images`` of ``n``, in random order)."""
+    return np.random.default_rng(cfg.seed).permutation(n)[: min(cfg.sweep_images, n)]
+
+
+def sweep_pool(cfg: ProbeConfig) -> str:
+    return cfg.pool if cfg.pool != "tokens" else "grid"
+
+
 def pick_layer(
-    model: LVM, ids: torch.Tensor, labels: np.ndarray, special: SpecialTokens, cfg: ProbeConfig
+    model: LVM, ids: torch.Tensor, labels: np.ndarray, special: SpecialTokens, cfg: ProbeConfig,
+    keep: dict | None = None,
 ) -> tuple[int, dict[int, float]]:
     """The layer whose features give the best linear-probe accuracy on a held-out part of a subset
-    of the *training* images (the test set is never used to choose), and every layer's score."""
-    rng = np.random.default_rng(cfg.seed)
-    idx = rng.permutation(len(ids))[: min(cfg.sweep_images, len(ids))]
-    cut = int(len(idx) * 0.8)
+    of the *training* images (the test set is never used to choose), and every layer's score;
+    ``keep`` receives {best layer: its features on ``sweep_rows``}."""
+    idx = sweep_rows(len(ids), cfg)
+    cut = int(len(idx) * SWEEP_FIT_SHARE)
     layers = list(range(1, model.config.n_layer + 1))
-    pool = cfg.pool if cfg.pool != "tokens" else "grid"
-    feats = extract_features(model, ids[idx], special, layers, pool, cfg.grid, cfg.batch_size, cfg.precision)
+    feats = extract_features(model, ids[idx], special, layers, sweep_pool(cfg), cfg.grid, cfg.batch_size, cfg.precision)
     y = torch.from_numpy(labels[idx])
     scores = {layer: LinearProbe.fit(f[:cut], y[:cut]).accuracy(f[cut:], y[cut:]) for layer, f in feats.items()}
-    return max(scores, key=scores.get), scores
+    best = max(scores, key=scores.get)
+    if keep is not None:
+        keep[best] = feats[best]
+    return best, scores
 
 
 # ---------------------------------------------------------------------------------------------

@@ -535,9 +535,7 @@ def write_report(out: Path, cfg: QuickstartConfig, tok_eval: dict, train_summary
         "## 4. Label efficiency (test accuracy %)",
         "",
         "Probes on the best layer (chosen on training images): `linear` is logistic regression on grid-pooled "
-        "token states" + (" with the image's raw pixels appended (`+ pixels`: the detail the tokens lose)"
-                          + (" where that scored better on held-out training images" if cfg.probe_pixels == "auto"
-                             else "") if cfg.probe_pixels != "off" else "") + pixels_choice_text(probe) +
+        "token states" + pixels_text(cfg.probe_pixels, probe) +
         ", `attentive` an attention-pooling head on the frozen token states, `finetune` the LVM "
         "trained with that head. Baselines: raw pixels and (unless left out, see above) the same architecture at "
         "random init." + supervised_text(probe) + " Fractions below 100 % are means ± std over label subsets.",
@@ -812,15 +810,21 @@ def probe_command(cfg: QuickstartConfig, budget: Budget, *flags: str) -> str:
     return " ".join(parts + ["--out", q(run / "probe-baselines")])
 
 
-def pixels_choice_text(probe: dict) -> str:
-    """What ``--probe-pixels auto`` decided in this run, and on what, for the report ('' where it did not run)."""
-    choice = probe.get("pixels_choice")
-    if not choice:
+def pixels_text(mode: str, probe: dict) -> str:
+    """The report's words for ``--probe-pixels``: what the linear probe reads besides the states, and what ``auto``
+    decided in this run and on what ('' for off)."""
+    from lvm.probe import SWEEP_FIT_SHARE
+
+    if mode == "off":
         return ""
-    acc, held = choice["val_accuracy"], choice["images"] - int(choice["images"] * 0.8)
-    return (f" (this run: {'kept' if choice['kept'] else 'left out'}; states + pixels "
-            f"{100 * acc['states + pixels']:.1f} % vs states {100 * acc['states']:.1f} % on {held:,} held-out training "
-            f"images at layer {choice['layer']})")
+    text = " with the image's raw pixels appended (`+ pixels`: the detail the tokens lose)"
+    choice = probe.get("pixels_choice")
+    if mode != "auto" or not choice:
+        return text
+    acc, held = choice["val_accuracy"], choice["images"] - int(choice["images"] * SWEEP_FIT_SHARE)
+    return (f"{text} where that scored better on held-out training images (this run: "
+            f"{'kept' if choice['kept'] else 'left out'}; states + pixels {100 * acc['states + pixels']:.1f} % vs "
+            f"states {100 * acc['states']:.1f} % on {held:,} held-out training images at layer {choice['layer']})")
 
 
 def supervised_text(probe: dict) -> str:
