@@ -17,6 +17,8 @@ test images no stage trained or chose on, in blocks of one pretraining recipe ea
   probe, and its LP-FT fine-tuning (with and without the head refit) where ``bench.finetune_levers``
   measured it, averaged over the label subsets run; its out-of-domain twin (``bench.pretrain_levers
   --levers ood_skimage`` + ``lvm probe``);
+- where ``--domain`` / ``--ood`` were probed with ``--pixels both``, their rows with the raw pixels appended, a
+  block of their own;
 - supervised CNN from scratch on the same labels (``lvm probe --supervised``) and raw pixels.
 
 The last column is the label fraction at which the domain LVM reaches each competitor's 100 %-labels
@@ -35,14 +37,17 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PIXELS_SUFFIX = " + pixels"  # lvm.probe's row name for LVM features with the raw pixels appended
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--domain", required=True, help="probe.json of the domain LVM (its quickstart's probe stage)")
-    p.add_argument("--ood", required=True, help="probe.json of the out-of-domain LVM, with --baselines --supervised")
+    p.add_argument("--ood", required=True, help="probe.json of the out-of-domain LVM, with --baselines --supervised "
+                                                "(else the baselines are --domain's)")
     p.add_argument("--finetune", default=str(RESULTS / "finetune-levers-cpu.jsonl"),
-                   help="bench.finetune_levers rows (the 'lpft' and 'lpft+refit' ones are the domain LVM fine-tuned)")
+                   help="bench.finetune_levers rows (the 'lpft' and 'lpft+refit' ones are the domain LVM fine-tuned); "
+                        "'' where none were run on --domain's checkpoint")
     p.add_argument("--domain-label", default="domain LVM (Fashion-MNIST)")
     p.add_argument("--ood-label", default="out-of-domain LVM (skimage crops)")
     p.add_argument("--current", default="",
@@ -72,13 +77,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def curves(probe: dict, rename: dict[str, str]) -> dict[str, dict[float, tuple[float, float, int]]]:
-    """``{row name: {fraction: (mean, std, runs)}}`` of a probe.json, for the features named in ``rename``."""
+def curves(probe: dict, rename: dict[str, str], pixels: bool = False) -> dict[str, dict[float, tuple[float, float, int]]]:
+    """``{row name: {fraction: (mean, std, runs)}}`` of a probe.json, for the features named in ``rename``: the
+    LVM's own rows, or with ``pixels`` its rows with the raw pixels appended (``lvm probe --pixels on|both``)."""
     out: dict[str, dict] = {}
     for r in probe["rows"]:
         features = r["features"]
         key = next((name for prefix, name in rename.items() if features.startswith(prefix)), None)
-        if key is None:
+        if key is None or features.endswith(PIXELS_SUFFIX) != pixels:
             continue
         key = f"{key}, {r['method']}" if r["method"] not in ("linear", "supervised") else key
         out.setdefault(key, {})[float(r["fraction"])] = (r["acc_mean"], r.get("acc_std", 0.0), r.get("runs", 1))
@@ -142,18 +148,22 @@ def table_rows(args: argparse.Namespace) -> dict[str, Row]:
         if args.current_ood:
             add(curves(probe(args.current_ood), {"lvm": f"{args.current_ood_label}, linear"}), "ood", "current")
         if args.current_pixels:  # the same checkpoints, the pixels appended to the features: a block of their own
-            add(curves(probe(args.current_pixels), {"lvm": f"{args.current_label}, linear + pixels"}), "domain",
-                "current + pixels")
+            add(curves(probe(args.current_pixels), {"lvm": f"{args.current_label}, linear + pixels"}, pixels=True),
+                "domain", "current + pixels")
             if args.current_ood_pixels:
-                add(curves(probe(args.current_ood_pixels), {"lvm": f"{args.current_ood_label}, linear + pixels"}),
-                    "ood", "current + pixels")
-    add(curves(probe(args.domain), {"lvm": f"{args.domain_label}, linear"}), "domain", "domain")
+                add(curves(probe(args.current_ood_pixels), {"lvm": f"{args.current_ood_label}, linear + pixels"},
+                           pixels=True), "ood", "current + pixels")
+    domain, ood = probe(args.domain), probe(args.ood)
+    add(curves(domain, {"lvm": f"{args.domain_label}, linear"}), "domain", "domain")
     ft = [json.loads(line) for line in Path(args.finetune).read_text().splitlines() if line.strip()] \
-        if Path(args.finetune).exists() else []
+        if args.finetune and Path(args.finetune).is_file() else []
     add({f"{args.domain_label}, {method}": curve for method, curve in finetune_curves(ft).items()}, "domain", "domain")
-    ood = probe(args.ood)
     add(curves(ood, {"lvm": f"{args.ood_label}, linear"}), "ood", "domain")
-    add(curves(ood, {"raw pixels": "raw pixels", "supervised": "supervised CNN"}), "baseline")
+    # probed with --pixels both: the same two checkpoints with the pixels appended, a block of their own
+    add(curves(domain, {"lvm": f"{args.domain_label}, linear + pixels"}, pixels=True), "domain", "domain + pixels")
+    add(curves(ood, {"lvm": f"{args.ood_label}, linear + pixels"}, pixels=True), "ood", "domain + pixels")
+    baselines = {"raw pixels": "raw pixels", "supervised": "supervised CNN"}  # --ood's, else --domain's
+    add(curves(ood, baselines) or curves(domain, baselines), "baseline")
     return rows
 
 

@@ -36,6 +36,9 @@ LVM_STEPS = 106
 TOKENIZER_STEP_S = 0.46  # its measured seconds per step (median), to trade tokenizer steps for LVM steps
 LVM_STEP_S = 3.34  # 353.9 s / 106 steps in that run
 
+# every label fraction, 3 subsets each, with and without the raw pixels (the claim table's protocol)
+FULL_PROTOCOL = ["--fractions", "0.01", "0.1", "0.3", "1.0", "--seeds", "3", "--pixels", "both"]
+
 # name -> what changes. tok / train: extra CLI flags; *_steps: step counts; pairs: a transform whose tokens
 # sit beside each image in one sentence; data: the pretraining source; base: the lever whose tokenizer and
 # shards an LVM-only lever trains on (default: the baseline's).
@@ -100,6 +103,19 @@ LEVERS: dict[str, dict] = {
                       "probe_protocol": ["--fractions", "0.1", "--seeds", "3"],
                       "why": "the out-of-domain tokenizer (ood_current's), LVM pretrained on Fashion-MNIST (the current "
                              "recipe); 3 label subsets of 10 %"},
+    # session 12, on 2 AMX cores: the 30-minute `lvm quickstart --grid 14` (bf16; its budget bought the tokenizer's
+    # 1,000-step cap and 1,169 LVM steps of 8 rows), linked in from its run folder like `current`, and its out-of-domain
+    # twin; both probed on every label fraction with and without the pixels, like the claim table's rows
+    "amx_grid14": {"tok": ["--grid", "14"], "tokenizer_steps": 1000, "lvm_steps": 1169,
+                   "train": ["--batch-size", "8", "--compile"],
+                   "probe_protocol": FULL_PROTOCOL, "probe": ["--layers", "5"],
+                   "why": "the 30-minute `lvm quickstart --grid 14` on 2 AMX cores (session 12: tokenizer 1,000 steps, "
+                          "LVM 1,169 steps of 8 rows, bf16); probed at layer 5, its quickstart's sweep's pick"},
+    "ood_amx_grid14": {"data": "skimage-crops", "tok": ["--grid", "14"], "tokenizer_steps": 1000, "lvm_steps": 1169,
+                       "train": ["--batch-size", "8", "--compile"], "probe_protocol": FULL_PROTOCOL,
+                       "probe": ["--baselines", "--supervised"],
+                       "why": "amx_grid14's recipe and step counts on scikit-image crops (28 px grey): out of domain; "
+                              "its own layer sweep; with the raw-pixel and supervised-CNN baselines"},
     # beyond equal compute: the grid that won, given the steps that won (its tokenizer and shards, 3x its steps)
     "grid14_x3": {"base": "grid14", "lvm_steps": 3 * 120, "probe": ["--layers", "6"],
                   "why": "grid14 with 3x its LVM steps (3x the baseline's compute; its tokenizer and shards; "
@@ -217,7 +233,9 @@ def row(name: str, out: Path, threads: int, probe_images: int) -> dict | None:
     if not done("probe10", run):
         return None
     probe = json.loads((run / "probe10" / "probe.json").read_text())
-    lin = next(r for r in probe["rows"] if r["method"] == "linear")
+    # the states' linear row at 10 % of the labels: the 6,000-image subsample's 100 %, or a full protocol's 10 %
+    lin = [r for r in probe["rows"] if r["method"] == "linear" and not r["features"].endswith(" + pixels")]
+    lin = next((r for r in lin if r["fraction"] == 0.1), lin[0])
     tok = json.loads((out / tokenizer_from(name) / "tokenizer" / "eval.json").read_text())
     metrics = [json.loads(line) for line in (run / "lvm" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     summary = {"steps": max(m["step"] for m in metrics),

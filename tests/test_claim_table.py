@@ -133,3 +133,31 @@ def test_the_pixels_block_matches_its_twin_and_counts_for_the_baselines(tmp_path
     assert rows["raw pixels"]["domain_matches_at"] == f"{100 * 10 ** (-1 + 3 / 4):.2g} % labels"  # best: the pixels row
     with pytest.raises(SystemExit):  # a twin without its block
         main([*base, "--current-ood-pixels", str(tmp_path / "cop.json"), "--out", str(tmp_path / "x")])
+
+
+def test_probes_run_with_pixels_both_split_into_a_plain_and_a_pixels_block(tmp_path):
+    """One probe.json per checkpoint (``lvm probe --pixels both``) gives the states rows and the states + pixels rows,
+    each twin matched within its own block; a pixels row never lands in the plain block (or the reverse)."""
+    import json
+
+    from bench.claim_table import main
+
+    def probe(name, plain, joint, extra=()):
+        rows = [{"features": f"lvm (layer 6){suffix}", "method": "linear", "fraction": f, "acc_mean": a, "runs": 1}
+                for suffix, accs in (("", plain), (" + pixels", joint)) for f, a in accs]
+        (tmp_path / name).write_text(json.dumps({"rows": rows + list(extra)}))
+        return str(tmp_path / name)
+
+    baseline = [{"features": "raw pixels", "method": "linear", "fraction": 1.0, "acc_mean": 0.845, "runs": 1}]
+    main(["--domain", probe("d.json", ((0.1, 0.83), (1.0, 0.87)), ((0.1, 0.85), (1.0, 0.89))),
+          "--ood", probe("o.json", ((0.1, 0.80), (1.0, 0.85)), ((0.1, 0.82), (1.0, 0.88)), baseline),
+          "--finetune", "", "--out", str(tmp_path / "claim")])
+    rows = json.loads((tmp_path / "claim.json").read_text())["rows"]
+    d, o = "domain LVM (Fashion-MNIST), linear", "out-of-domain LVM (skimage crops), linear"
+    assert rows[d]["accuracy"]["1.0"][0] == 0.87 and rows[d + " + pixels"]["accuracy"]["1.0"][0] == 0.89
+    assert rows[d]["block"] == rows[o]["block"] == "domain"
+    assert rows[d + " + pixels"]["block"] == rows[o + " + pixels"]["block"] == "domain + pixels"
+    # the plain twin (85 %) against the plain domain rows (83 -> 87 %); the pixels twin (88 %) against 85 -> 89 %
+    assert rows[o]["domain_matches_at"] == f"{100 * 10 ** (-1 + 2 / 4):.2g} % labels"
+    assert rows[o + " + pixels"]["domain_matches_at"] == f"{100 * 10 ** (-1 + 3 / 4):.2g} % labels"
+    assert not any("finetun" in name for name in rows)  # --finetune '': no fine-tuning rows

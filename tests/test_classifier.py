@@ -35,8 +35,9 @@ def labelled_folder(tiny_pipeline, tmp_path_factory):
 @pytest.fixture(scope="module")
 def bundle(tiny_pipeline, labelled_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle") / "classifier"
+    # fitted in fp32 like the bundle runs (on an AMX CPU "auto" fits on bf16 features): exact comparisons below
     summary = classifier_train(ClassifierTrainConfig(checkpoint=tiny_pipeline["lvm"], source=str(labelled_folder),
-                                                     sweep_images=60, out=str(out)))
+                                                     sweep_images=60, precision="fp32", out=str(out)))
     return out, summary
 
 
@@ -80,7 +81,7 @@ def test_bundle_predicts_what_the_probe_fits(bundle, tiny_pipeline, labelled_fol
     model, tok, _ = load_model_and_tokenizer(tiny_pipeline["lvm"])
     train = load_images(str(labelled_folder), "train", size=16, channels=1)
     ids = tok.encode(train.images)
-    feats = extract_features(model, ids, SpecialTokens(tok.vocab_size), clf.layer, "grid", 3)
+    feats = extract_features(model, ids, SpecialTokens(tok.vocab_size), clf.layer, "grid", 3, precision="fp32")
     probe = LinearProbe.fit(feats, torch.from_numpy(train.labels), classes=3)
     with torch.no_grad():
         logits = clf.head(clf.token_states(clf.preprocess(train.images)))
@@ -134,13 +135,13 @@ def test_a_pixels_bundle_predicts_what_the_probe_fits(tiny_pipeline, labelled_fo
 
     out = tmp_path / "px"
     classifier_train(ClassifierTrainConfig(checkpoint=tiny_pipeline["lvm"], source=str(labelled_folder), layer=2,
-                                           pixels=True, out=str(out)))
+                                           pixels=True, precision="fp32", out=str(out)))
     clf = Classifier.from_pretrained(out)
     assert json.loads((out / "head" / "head.json").read_text())["pixels"] == [1, 16]
     model, tok, _ = load_model_and_tokenizer(tiny_pipeline["lvm"])
     train = load_images(str(labelled_folder), "train", size=16, channels=1)
-    feats = torch.cat([extract_features(model, tok.encode(train.images), SpecialTokens(tok.vocab_size), 2, "grid", 3),
-                       pixel_features(train)], 1)
+    feats = torch.cat([extract_features(model, tok.encode(train.images), SpecialTokens(tok.vocab_size), 2, "grid", 3,
+                                        precision="fp32"), pixel_features(train)], 1)
     probe = LinearProbe.fit(feats, torch.from_numpy(train.labels), classes=3)
     expected = (((feats - probe.mean) / probe.std) @ probe.weight.T + probe.bias).softmax(1)
     torch.testing.assert_close(torch.from_numpy(clf.predict(train.images)[1]), expected, atol=1e-4, rtol=1e-4)

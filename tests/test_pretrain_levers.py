@@ -121,3 +121,15 @@ def test_a_cross_cell_first_makes_the_tokenizer_it_reads(tmp_path, monkeypatch):
     assert calls == [["lvm", "tokenizer-train"], ["lvm", "tokenize"], ["lvm", "tokenize"], ["lvm", "train"],
                      ["lvm", "probe"]]  # ood_current's tokenizer only (not its shards or LVM), then the cell
     assert (tmp_path / "ood_current").is_dir() and not (tmp_path / "ood_current" / "tokens").exists()
+
+
+def test_the_amx_pair_differs_only_in_its_pretraining_images_and_is_probed_on_every_fraction():
+    dom, ood = _parsed("amx_grid14"), _parsed("ood_amx_grid14")
+    assert {k: v for k, v in ood["tokenizer"].items() if dom["tokenizer"][k] != v and "/x/" not in str(v)} == \
+        {"data": "skimage-crops", "image_size": 28, "channels": 1}
+    assert {k: v for k, v in ood["lvm"].items() if dom["lvm"][k] != v and "/x/" not in str(v)} == {}
+    assert dom["tokenizer"]["grid"] == 14 and dom["lvm"]["steps"] == 1169 and dom["lvm"]["batch_size"] == 8 and dom["lvm"]["compile"]
+    for cell in (dom, ood):
+        assert cell["probe10"]["fractions"] == [0.01, 0.1, 0.3, 1.0] and cell["probe10"]["pixels"] == "both"
+    assert ood["probe10"]["baselines"] and ood["probe10"]["supervised"] and not ood["probe10"]["random_init"]
+    assert not dom["probe10"]["baselines"] and dom["probe10"]["layers"] == [5] and ood["probe10"]["layers"] == []

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from lvm.probe import LinearProbe, ProbeConfig, ProbeError, _subset, run_probe
+from lvm.probe import LinearProbe, ProbeConfig, ProbeError, _subset, extract_features, run_probe
 
 
 def test_linear_probe_separable_vs_random_labels():
@@ -176,6 +176,23 @@ def test_probe_appends_the_pixels_to_the_lvm_features(tiny_pipeline, tmp_path):
     assert joint["features"] == j["features"] and joint["linear_probe"].weight.shape == (3, j["dim"])
 
 
+def test_probe_pixels_both_reports_the_states_and_the_states_with_pixels_from_one_run(tiny_pipeline, tmp_path):
+    """--pixels both: the plain row equals a --pixels off run's, the joint row a --pixels on run's (same label subsets),
+    and the probe handed back for a bundle is the joint one."""
+    common = dict(checkpoint=tiny_pipeline["lvm"], source=tiny_pipeline["npz"], fractions=[0.5, 1.0], seeds=2,
+                  layers=[2], baselines=False, pool="grid", grid=2)
+    plain = run_probe(ProbeConfig(**common, out=str(tmp_path / "plain")))
+    joint = run_probe(ProbeConfig(**common, pixels="on", out=str(tmp_path / "joint")))
+    both = run_probe(ProbeConfig(**common, pixels="both", out=str(tmp_path / "both")))
+    key = lambda r: (r["features"], r["fraction"])  # noqa: E731
+    assert sorted(map(key, both["rows"])) == sorted(map(key, plain["rows"] + joint["rows"]))
+    by = {key(r): r["acc_mean"] for r in both["rows"]}
+    for r in plain["rows"] + joint["rows"]:
+        assert by[key(r)] == pytest.approx(r["acc_mean"])
+    assert both["features"] == "lvm (layer 2) + pixels" and both["pixels"] == (1, 16)
+    assert both["linear_probe"].weight.shape == joint["linear_probe"].weight.shape
+
+
 def test_pixels_are_kept_only_where_they_score_better_on_held_out_training_rows():
     from lvm.probe import pixels_pay
 
@@ -201,3 +218,28 @@ def test_probe_pixels_auto_records_its_choice_and_reads_the_features_it_chose(ti
     with pytest.raises(ProbeError, match="pixels"):
         run_probe(ProbeConfig(checkpoint=tiny_pipeline["lvm"], source=tiny_pipeline["npz"], pixels="yes",
                               out=str(tmp_path / "bad")))
+
+
+def test_compiled_extraction_matches_eager_on_a_padded_last_batch(tiny_pipeline, monkeypatch):
+    """Where bf16 is fast, long extractions run a compiled forward on batches of one shape (the last one padded):
+    the features must be the eager forward's, every image's own, none of the padding's."""
+    import lvm.probe as probe_mod
+    import lvm.runtime
+    from lvm.checkpoint import load_model_and_tokenizer
+    from lvm.data import SpecialTokens
+
+    model, tok, _ = load_model_and_tokenizer(tiny_pipeline["lvm"])
+    images = np.load(tiny_pipeline["npz"])["images"][:, :, :, None]
+    ids, special = tok.encode(images[:50]), SpecialTokens(tok.vocab_size)  # 50 = 2 batches of 32, the last padded
+    eager = extract_features(model, ids, special, [1, 2], "grid", 2, batch_size=32, precision="fp32")
+    monkeypatch.setattr(lvm.runtime, "bf16_is_fast", lambda device: True)
+    monkeypatch.setattr(probe_mod, "COMPILE_MIN_TOKENS", 0)
+    calls = []
+    real = probe_mod._compiled_forward
+    monkeypatch.setattr(probe_mod, "_compiled_forward", lambda m, p: calls.append(p) or real(m, p))
+    compiled = extract_features(model, ids, special, [1, 2], "grid", 2, batch_size=32, precision="bf16")
+    assert calls == ["bf16"]
+    for layer in (1, 2):
+        assert compiled[layer].shape == eager[layer].shape == (50, model.config.d_model * 4)
+        err = (compiled[layer] - eager[layer]).abs().max() / eager[layer].abs().max()
+        assert err < 0.05  # bf16 autocast against fp32: every row is its own image's, in order
