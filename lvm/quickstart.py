@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +64,7 @@ class QuickstartConfig:
     unlabeled: list[str] = field(default_factory=list)  # more image folders/files the tokenizer and LVM pretrain on
     image_size: int = 0  # 0 = the images' size (mixed sizes: the most common, stated in the report)
     channels: int = 0  # 0 = the images' (grey if all are grey, else RGB)
-    grid: int = 0  # tokens per side; 0 = at most 8 (7x7 for 28 px; 14x14 probes better but costs 4.7x per image: grid-cost-cpu.md)
+    grid: int = 0  # tokens per side; 0 = at most 14 where bf16 is fast (AMX CPUs, CUDA: 14x14 for 28 px), else at most 8 (7x7)
     on_error: str = "fail"  # unreadable image files: fail, or skip them (counted in the report)
     fast: bool = False  # a smoke run of about a minute (subset, tiny sizes, fixed steps)
     time_budget: float = 30.0  # minutes for the whole run, split over the stages from measured speeds; 0 = none
@@ -108,6 +108,7 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     split = write_split_record(out / "split.json", cfg.source, cfg.test_source or None, cfg.unlabeled,
                                cfg.test_fraction, cfg.image_size or None, cfg.channels or None, cfg.on_error)
     sides = {"test_fraction": cfg.test_fraction, "test_source": cfg.test_source}
+    cfg = replace(cfg, grid=quickstart_grid(cfg, split["image_shape"][0]))
     budget = Budget.load_or_plan(out, cfg, split, time.time() - t0)
     stages = budget.stages
 
@@ -230,16 +231,38 @@ def run_supervised(cfg: QuickstartConfig, budget: "Budget") -> bool:
 def use_compile(cfg: QuickstartConfig) -> bool:
     """torch.compile pays where matmuls are fast and overheads dominate (bf16 on AMX or CUDA); on an fp32
     CPU the step is matmul-bound, compiling gained 4 % and costs its compile time out of the budget."""
-    import torch
-
-    from lvm.runtime import bf16_is_fast
-
     if cfg.compile not in ("auto", "yes", "no"):
         from lvm.runtime import ConfigError
 
         raise ConfigError(f"--compile {cfg.compile!r} is not one of auto, yes, no.")
     if cfg.compile != "auto":
         return cfg.compile == "yes"
+    return fast_bf16(cfg)
+
+
+# --grid 0 where bf16 is fast: the finest grid of at most this many tokens per side. On 2 AMX cores the 30-minute run
+# at 14x14 scored 79.7 / 86.2 / 88.2 / 89.5 % (states; 80.5 / 87.1 / 88.3 / 89.8 % with the pixels) at 1 / 10 / 30 /
+# 100 % of the Fashion-MNIST labels against 79.6 / 85.1 / 86.9 / 88.6 % for the 7x7 grid's 24,000 rows there
+# (bench/results/claim-table-amx.md); on an fp32 CPU the 14x14 grid's 4.7x cost per image leaves too few steps
+# (bench/results/grid-cost-cpu.md), so it stays at 8 (7x7).
+FAST_MAX_GRID = 14
+
+
+def quickstart_grid(cfg: QuickstartConfig, image_size: int) -> int:
+    """The token grid of the run: ``--grid`` where given; for ``--grid 0`` on a machine where bf16 is fast, the finest
+    grid of at most FAST_MAX_GRID per side that the image size allows; else 0 (the tokenizer's default, at most 8)."""
+    if cfg.grid or cfg.fast or not fast_bf16(cfg):
+        return cfg.grid
+    fits = [f for f in (2, 4, 8, 16, 32, 64) if image_size % f == 0 and image_size // f <= FAST_MAX_GRID]
+    return image_size // fits[0] if fits else 0
+
+
+def fast_bf16(cfg: QuickstartConfig) -> bool:
+    """Whether this run trains in bf16 on hardware that multiplies it fast (AMX CPU or CUDA)."""
+    import torch
+
+    from lvm.runtime import bf16_is_fast
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return cfg.precision != "fp32" and bf16_is_fast(device)
 
@@ -761,7 +784,8 @@ def budget_lines(budget: Budget, cfg: QuickstartConfig) -> list[str]:
         plan = rec.get("share_s", rec.get("estimate_s", ""))
         rows.append(f"| {name} | {plan} | {rec.get('seconds', '')} | {rec.get('steps', '')} |")
     steps = {k: v.get("steps") for k, v in budget.stages.items()}
-    again = (f"`lvm quickstart --tokenizer-steps {steps['tokenizer']} --lvm-steps {steps['pretrain']}` "
+    grid = f"--grid {cfg.grid} " if cfg.grid else ""
+    again = (f"`lvm quickstart {grid}--tokenizer-steps {steps['tokenizer']} --lvm-steps {steps['pretrain']}` "
              "trains the same models again." if steps.get("tokenizer") and steps.get("pretrain") else "")
     random_left_out = budget.measured.get("random_init") is False
     skipped = ("The random-init baseline was left out to keep the probes within the budget on this CPU; "

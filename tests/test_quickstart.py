@@ -191,6 +191,23 @@ def test_compile_only_where_it_pays(monkeypatch):
         use_compile(QuickstartConfig(compile="maybe"))
 
 
+def test_the_default_grid_is_finer_only_where_bf16_is_fast(monkeypatch):
+    """--grid 0: 14x14 for 28 px where bf16 is fast (the AMX run's winner), the tokenizer's default (at most 8 per side)
+    on an fp32 CPU; a given --grid and --fast are left alone; sizes whose finest grid fits 14 anyway keep it."""
+    import lvm.runtime
+    from lvm.quickstart import quickstart_grid
+    from tokenizer.model import auto_layout
+
+    monkeypatch.setattr(lvm.runtime, "bf16_is_fast", lambda device: True)
+    assert quickstart_grid(QuickstartConfig(), 28) == 14 and quickstart_grid(QuickstartConfig(), 56) == 14
+    assert quickstart_grid(QuickstartConfig(), 64) == 8  # 16 per side would pass the cap: 8x8 as before
+    assert quickstart_grid(QuickstartConfig(grid=7), 28) == 7 and quickstart_grid(QuickstartConfig(fast=True), 28) == 0
+    assert quickstart_grid(QuickstartConfig(precision="fp32"), 28) == 0
+    assert auto_layout(28, quickstart_grid(QuickstartConfig(), 28)) == (2, 0)  # the tokenizer accepts it
+    monkeypatch.setattr(lvm.runtime, "bf16_is_fast", lambda device: False)
+    assert quickstart_grid(QuickstartConfig(), 28) == 0
+
+
 def test_random_labels_on_a_folder_stay_near_chance(tmp_path):
     """Regression for a leak: a folder has no published split, and once the probes were trained and
     tested on the same images (100 % "test" accuracy on noise). Noise with random labels must score
