@@ -116,6 +116,11 @@ LEVERS: dict[str, dict] = {
                        "probe": ["--baselines", "--supervised"],
                        "why": "amx_grid14's recipe and step counts on scikit-image crops (28 px grey): out of domain; "
                               "its own layer sweep; with the raw-pixel and supervised-CNN baselines"},
+    # the AMX default's curve: twice its LVM steps on its tokenizer and shards (what would reach 90 % at 100 %?)
+    "amx_grid14_x2": {"base": "amx_grid14", "lvm_steps": 2 * 1169, "train": ["--batch-size", "8", "--compile"],
+                      "probe_protocol": FULL_PROTOCOL,
+                      "why": "amx_grid14 with twice its LVM steps (2,338 of 8 rows; its tokenizer and shards; its own "
+                             "layer sweep): beyond the AMX default's compute, a point on its curve"},
     # beyond equal compute: the grid that won, given the steps that won (its tokenizer and shards, 3x its steps)
     "grid14_x3": {"base": "grid14", "lvm_steps": 3 * 120, "probe": ["--layers", "6"],
                   "why": "grid14 with 3x its LVM steps (3x the baseline's compute; its tokenizer and shards; "
