@@ -118,9 +118,9 @@ LEVERS: dict[str, dict] = {
                               "its own layer sweep; with the raw-pixel and supervised-CNN baselines"},
     # the AMX default's curve: twice its LVM steps on its tokenizer and shards (what would reach 90 % at 100 %?)
     "amx_grid14_x2": {"base": "amx_grid14", "lvm_steps": 2 * 1169, "train": ["--batch-size", "8", "--compile"],
-                      "probe_protocol": FULL_PROTOCOL,
+                      "probe_protocol": ["--fractions", "1.0", "--seeds", "1", "--pixels", "both"],
                       "why": "amx_grid14 with twice its LVM steps (2,338 of 8 rows; its tokenizer and shards; its own "
-                             "layer sweep): beyond the AMX default's compute, a point on its curve"},
+                             "layer sweep): beyond the AMX default's compute, a point on its curve at 100 % labels"},
     # beyond equal compute: the grid that won, given the steps that won (its tokenizer and shards, 3x its steps)
     "grid14_x3": {"base": "grid14", "lvm_steps": 3 * 120, "probe": ["--layers", "6"],
                   "why": "grid14 with 3x its LVM steps (3x the baseline's compute; its tokenizer and shards; "
@@ -240,7 +240,11 @@ def row(name: str, out: Path, threads: int, probe_images: int) -> dict | None:
     probe = json.loads((run / "probe10" / "probe.json").read_text())
     # the states' linear row at 10 % of the labels: the 6,000-image subsample's 100 %, or a full protocol's 10 %
     lin = [r for r in probe["rows"] if r["method"] == "linear" and not r["features"].endswith(" + pixels")]
-    lin = next((r for r in lin if r["fraction"] == 0.1), lin[0])
+    tenth = [r for r in lin if r["fraction"] == 0.1] or \
+        [r for r in lin if r["fraction"] == 1.0 and probe["config"].get("limit_train") == probe_images]
+    if not tenth:  # probed at other fractions only (e.g. a curve point at 100 %): not a row of this table
+        return None
+    lin = tenth[0]
     tok = json.loads((out / tokenizer_from(name) / "tokenizer" / "eval.json").read_text())
     metrics = [json.loads(line) for line in (run / "lvm" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     summary = {"steps": max(m["step"] for m in metrics),
