@@ -36,8 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lvm.probe import PIXELS_SUFFIX  # the row name of LVM features with the raw pixels appended
+
 RESULTS = Path(__file__).resolve().parent / "results"
-PIXELS_SUFFIX = " + pixels"  # lvm.probe's row name for LVM features with the raw pixels appended
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -239,7 +239,9 @@ def row(name: str, out: Path, threads: int, probe_images: int) -> dict | None:
         return None
     probe = json.loads((run / "probe10" / "probe.json").read_text())
     # the states' linear row at 10 % of the labels: the 6,000-image subsample's 100 %, or a full protocol's 10 %
-    lin = [r for r in probe["rows"] if r["method"] == "linear" and not r["features"].endswith(" + pixels")]
+    from lvm.probe import PIXELS_SUFFIX
+
+    lin = [r for r in probe["rows"] if r["method"] == "linear" and not r["features"].endswith(PIXELS_SUFFIX)]
     tenth = [r for r in lin if r["fraction"] == 0.1] or \
         [r for r in lin if r["fraction"] == 1.0 and probe["config"].get("limit_train") == probe_images]
     if not tenth:  # probed at other fractions only (e.g. a curve point at 100 %): not a row of this table
