@@ -277,12 +277,26 @@ class StepBudget:
     steps from the start: re-running with ``steps = budget.steps`` reproduces the model. A warmup
     too short to measure in (< skip + 1 steps) leaves the length at ``max_steps``, with the
     ``out_of_time`` stop only. ``margin`` keeps room for evals and checkpoints.
+
+    ``revise_until`` > 0: the plan is checked again every ``revise_every`` steps, from the rate of the
+    steps since the last check, while the run is in its first ``revise_until`` fraction, and changed
+    when it is off by more than ``revise_tolerance``. A rate taken in the first few dozen steps can be
+    far from the run's (a shared machine's speed drifts; caches and allocators settle): a session-12
+    run planned 1,169 steps at step 20 and left 20 % of its share unused. A revision bends the LR
+    schedule to the new length from that step on (``warmup_cosine`` is then that of the final length
+    for the rest of the run, a small step in the multiplier early on), so exact reproduction by
+    ``steps = budget.steps`` holds only for runs whose first plan stood; ``revisions`` lists the
+    (step, steps) of each change.
     """
 
     def __init__(self, seconds: float, max_steps: int, warmup: int, skip: int = 2, margin: float = 0.08,
                  planned: int | None = None, clock: Callable[[], float] = time.perf_counter,
-                 decide_by: int = 20) -> None:
+                 decide_by: int = 20, revise_until: float = 0.0, revise_every: int = 50,
+                 revise_tolerance: float = 0.03) -> None:
         self.seconds, self.max_steps, self.skip, self.margin, self.clock = seconds, max_steps, skip, margin, clock
+        self.revise_until, self.revise_every, self.revise_tolerance = revise_until, revise_every, revise_tolerance
+        self.revisions: list[tuple[int, int]] = []
+        self._next_check: int | None = None
         self.decide_at = max(skip + 2, min(warmup, decide_by))
         can_plan = seconds > 0 and self.decide_at <= warmup + 1
         self.t0 = clock()
@@ -293,23 +307,40 @@ class StepBudget:
         self._seen = 0
 
     def observe(self, done: int, spent_before: float = 0.0) -> bool:
-        """Call after each step with the steps done so far; returns True when it just decided.
+        """Call after each step with the steps done so far; returns True when it just decided or checked.
 
         The clock starts after this process's first ``skip`` steps (a resumed run compiles again).
+        A check falls at a step every rank reaches with the same (rank 0's) plan, so they agree on it.
         """
         if self.decided:
-            return False
+            if self._next_check is None or done < self._next_check:
+                return False
+            if done > self.revise_until * self.steps:  # past the revisable part of the run: the plan stands
+                self._next_check = None
+                return False
+            planned = self._fit(done, spent_before)
+            if abs(planned - self.steps) > self.revise_tolerance * self.steps:
+                self.steps = planned
+                self.revisions.append((done, planned))
+            return True  # a check, changed or not: every rank takes rank 0's count here
         self._seen += 1
         if self._seen == self.skip:
             self._mark = (done, self.clock())
         if self._mark is None or done < self.decide_at or done - self._mark[0] < 2:
             return False
+        self.steps = self._fit(done, spent_before)
+        self.decided = self.fitted = True
+        return True
+
+    def _fit(self, done: int, spent_before: float) -> int:
+        """The step count that fits: the rate since the last mark, applied to the time left; moves the mark."""
         now = self.clock()
         per_step = (now - self._mark[1]) / (done - self._mark[0])
         left = self.seconds * (1 - self.margin) - (now - self.t0) - spent_before
-        self.steps = int(min(self.max_steps, max(done, done + left // max(per_step, 1e-9))))
-        self.decided = self.fitted = True
-        return True
+        self._mark = (done, now)
+        if self.revise_until > 0:
+            self._next_check = done + self.revise_every
+        return int(min(self.max_steps, max(done, done + left // max(per_step, 1e-9))))
 
     def out_of_time(self, spent_before: float = 0.0) -> bool:
         """A safety stop: past the whole budget (the plan was too optimistic, e.g. the machine got busy)."""

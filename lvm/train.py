@@ -86,6 +86,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     time_budget: float = 0.0  # minutes; > 0: the step count (<= steps) that fits, decided at the end of warmup
                               # from the measured speed; an overrun still stops at a clean checkpoint
+    budget_revise_until: float = 0.5  # with --time-budget: re-check the plan every 50 steps while in this share
+                                      # of the run (the early rate can be far from the run's); 0 = plan once
     resume: bool = True  # continue from out/latest when it exists
     progress: bool = True
 
@@ -102,11 +104,13 @@ def train(cfg: TrainConfig) -> dict:
         while done < budget.steps:
             loss, grad_norm = _train_step(run, done)
             done += 1
+            planned = budget.steps
             if budget.observe(done, run.spent_before):  # every rank decides at the same step; rank 0's count wins
                 budget.steps = int(_from_rank0(budget.steps, run))
                 bar.total = budget.steps
-                if run.is_main:
-                    print(f"train: {budget.steps} steps fit the {cfg.time_budget:g}-minute budget", flush=True)
+                if run.is_main and (budget.steps != planned or len(budget.revisions) == 0):
+                    what = "now fit" if budget.revisions else "fit"
+                    print(f"\ntrain: {budget.steps} steps {what} the {cfg.time_budget:g}-minute budget", flush=True)
             record = {"step": done}
             if done % cfg.log_every == 0 or done == budget.steps:
                 now = time.time()
@@ -235,7 +239,8 @@ def _setup(cfg: TrainConfig) -> _Run:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "train_config.json", asdict(cfg))
-    budget = StepBudget(cfg.time_budget * 60, cfg.steps, cfg.warmup_steps, planned=planned)
+    budget = StepBudget(cfg.time_budget * 60, cfg.steps, cfg.warmup_steps, planned=planned,
+                        revise_until=cfg.budget_revise_until)
     return _Run(cfg, rank, world, device, model, step_model, ddp, optimizer,
                 PackedBatches(train_set, model.config.max_seq_len, cfg.batch_size, cfg.seed, rank, world), eval_set,
                 data_info, checkpointer, MetricsLog(out / "metrics.jsonl", start, enabled=rank == 0), budget,
@@ -309,6 +314,7 @@ def _summary(run: _Run, done: int, loss: float, eval_loss: float | None, elapsed
         "checkpoint": str(run.checkpointer.latest.resolve()) if run.checkpointer.latest else None,
         "steps": done,
         "planned_steps": run.budget.steps,
+        "plan_revisions": [list(r) for r in run.budget.revisions],  # (step, steps) where the time plan changed
         "stopped_early": stopped_early,
         "loss": loss,
         "eval_loss": eval_loss,
@@ -384,6 +390,8 @@ def _check_config(cfg: TrainConfig, world: int) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1.")
     if cfg.time_budget < 0:
         raise ConfigError(f"--time-budget {cfg.time_budget} must be >= 0 minutes (0 = no budget).")
+    if not 0 <= cfg.budget_revise_until <= 1:
+        raise ConfigError(f"--budget-revise-until {cfg.budget_revise_until} must be in [0, 1] (0 = plan once).")
     if cfg.kernels not in BACKENDS:
         raise ConfigError(f"--kernels {cfg.kernels!r} is not one of {', '.join(BACKENDS)}.")
     check_precision(cfg.precision)

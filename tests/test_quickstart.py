@@ -118,23 +118,24 @@ def test_supervised_cost_counts_the_steps_and_passes_fit_supervised_runs():
         qs.ESTIMATE_MARGIN * (probe.finetune_max_steps * 0.1 + (10 * 600 + 10_000) / 1000))
 
 
-def test_supervised_baseline_runs_when_the_probe_stage_with_it_fits_half_the_budget(tmp_path, monkeypatch):
+def test_supervised_baseline_runs_when_the_probe_stage_with_it_fits_its_share_of_the_budget(tmp_path, monkeypatch):
     import lvm.quickstart as qs
 
     shape = qs.RunShape(train=60_000, test=10_000)
     probes = {"probe_s_per_model": 300.0, "probe_pixels_s": 50.0, "per_train_image_s": 0.005, "probe_fixed_s": 50.0}
     cnn_s = qs.supervised_seconds(CNN, shape, 60_000, [0.01, 0.1, 0.3, 1.0], 3)
-    assert 300 < cnn_s < 550  # 350 s of probes + the CNN fit in 900 s, not in 600 s
+    assert qs.PROBE_MAX_SHARE == pytest.approx(1 / 3)  # the probe stage's share of the budget, at most
+    assert 300 < cnn_s < 550  # 350 s of probes + the CNN fit in 900 s (a third of 45 minutes), not in 600 s
 
-    measured = {**probes, **CNN}  # 30 minutes: kept; with it the random-init model would pass a third
-    assert qs.plan_probes(measured, shape, 1800) == pytest.approx(350 + cnn_s, abs=0.1)
+    measured = {**probes, **CNN}  # 45 minutes: kept; with it the random-init model would pass a third
+    assert qs.plan_probes(measured, shape, 2700) == pytest.approx(350 + cnn_s, abs=0.1)
     assert measured["supervised"] and measured["supervised_estimate_s"] == pytest.approx(cnn_s, abs=0.1)
     assert not measured["random_init"] and "probe_train_images" not in measured
 
-    measured = {**probes, **CNN}  # 20 minutes: left out, the LVM's probes keep every label
-    assert qs.plan_probes(measured, shape, 1200) == 350.0
+    measured = {**probes, **CNN}  # 30 minutes: left out, the LVM's probes keep every label
+    assert qs.plan_probes(measured, shape, 1800) == 350.0
     assert measured["supervised"] is False and "probe_train_images" not in measured
-    budget = qs.Budget(None, 1200, {"probe": {}}, measured)
+    budget = qs.Budget(None, 1800, {"probe": {}}, measured)
     lines = "\n".join(qs.budget_lines(budget, qs.QuickstartConfig()))
     assert "supervised CNN baseline" in lines and f"predicted at {cnn_s:.0f} s" in lines
     command = "lvm probe --checkpoint runs/quickstart/lvm --pixels auto --supervised --out runs/quickstart/probe-baselines"
@@ -158,21 +159,21 @@ def test_supervised_baseline_runs_when_the_probe_stage_with_it_fits_half_the_bud
 
     slow = {"probe_s_per_model": 3000.0, "probe_pixels_s": 500.0, "per_train_image_s": 0.05, "probe_fixed_s": 300.0,
             **CNN}
-    auto = dict(slow)  # the LVM's probes need a subsample to fit half the budget: no room for the CNN
-    assert qs.plan_probes(auto, shape, 1800) <= 900 and auto["probe_train_images"] == 12_000
+    auto = dict(slow)  # 45 minutes: the LVM's probes need a subsample to fit a third: no room for the CNN
+    assert qs.plan_probes(auto, shape, 2700) <= 900 and auto["probe_train_images"] == 12_000
     assert auto["supervised"] is False
     forced = dict(slow)  # --supervised on: the subsample shrinks to make room for it, and no more
-    probe_s = qs.plan_probes(forced, shape, 1800, "on")
+    probe_s = qs.plan_probes(forced, shape, 2700, "on")
     assert forced["supervised"] and 1000 < forced["probe_train_images"] < 12_000 and 899 < probe_s <= 900
     assert probe_s == pytest.approx(300 + 0.05 * forced["probe_train_images"] + forced["supervised_estimate_s"], abs=0.1)
     assert "--limit-train" in qs.probe_command(qs.QuickstartConfig(), qs.Budget(None, 1800, {}, forced), "--supervised")
 
     # the quickstart's plan passes --supervised and the probe settings through, and keeps the decision on a resume
     monkeypatch.setattr(qs, "measure_speeds", lambda precision, shape=None, pixels=False: {"tokenize_s": 60.0, **probes, **CNN})
-    planned = qs.Budget.load_or_plan(tmp_path, QuickstartConfig(out=str(tmp_path), time_budget=20))
+    planned = qs.Budget.load_or_plan(tmp_path, QuickstartConfig(out=str(tmp_path), time_budget=30))
     assert planned.measured["supervised"] is False and planned.stages["probe"]["estimate_s"] == 350.0
     assert qs.run_supervised(QuickstartConfig(), qs.Budget.load_or_plan(tmp_path, QuickstartConfig())) is False
-    few = qs.Budget.load_or_plan(tmp_path / "few", QuickstartConfig(time_budget=20, probe_fractions=[1.0]))
+    few = qs.Budget.load_or_plan(tmp_path / "few", QuickstartConfig(time_budget=30, probe_fractions=[1.0]))
     assert few.measured["supervised"] and qs.run_supervised(QuickstartConfig(), few)
     assert qs.run_supervised(QuickstartConfig(), qs.Budget(None, 0, {}, {}))  # no budget (--fast): runs
     with pytest.raises(ValueError, match="--supervised 'yes' is not one of auto, on, off"):
@@ -233,17 +234,17 @@ def test_random_labels_on_a_folder_stay_near_chance(tmp_path):
     assert "sha256(key)" in report and "| class0 |" in report
 
 
-def test_probes_fit_a_subsample_when_all_labels_would_not_fit_half_the_budget():
+def test_probes_fit_a_subsample_when_all_labels_would_not_fit_their_share_of_the_budget():
     import lvm.quickstart as qs
 
     shape = qs.RunShape(train=60_000, test=10_000)
     fast = {"probe_s_per_model": 300.0, "probe_pixels_s": 50.0, "per_train_image_s": 0.005, "probe_fixed_s": 50.0}
-    measured = dict(fast)  # with random init 650 s > a third of 1800: left out, then 350 s fits half the budget
+    measured = dict(fast)  # with random init 650 s > a third of 1800: left out, then 350 s fits the probes' third
     assert qs.plan_probes(measured, shape, 1800) == 350.0 and "probe_train_images" not in measured
     slow = {"probe_s_per_model": 3000.0, "probe_pixels_s": 500.0, "per_train_image_s": 0.05, "probe_fixed_s": 300.0}
     measured = dict(slow)
-    probe_s = qs.plan_probes(measured, shape, 1800)
+    probe_s = qs.plan_probes(measured, shape, 2700)  # 45 minutes: the probes' third is 900 s
     assert measured["probe_train_images"] == int((900 - 300) / 0.05) and probe_s <= 900
     assert not measured["random_init"]
-    lines = "\n".join(qs.budget_lines(qs.Budget(None, 1800, {"probe": {}}, measured), qs.QuickstartConfig()))
+    lines = "\n".join(qs.budget_lines(qs.Budget(None, 2700, {"probe": {}}, measured), qs.QuickstartConfig()))
     assert "12,000 labelled training images" in lines

@@ -267,6 +267,36 @@ def test_step_budget_decides_from_measured_steps():
     assert short.decided and not short.fitted and short.steps == 50
 
 
+def test_step_budget_revises_a_plan_made_while_the_machine_was_slow():
+    """A run whose first steps ran at 2 s/step and the rest at 1 s/step ends up using its budget, and the
+    plan only moves at checks inside the revisable first half, by more than the tolerance."""
+    from lvm.runtime import StepBudget
+
+    def run(revise_until: float, slow_until: int) -> tuple[StepBudget, float, list[int]]:
+        now = [0.0]
+        budget = StepBudget(1000.0, max_steps=100_000, warmup=10, skip=2, margin=0.0, clock=lambda: now[0],
+                            decide_by=10, revise_until=revise_until, revise_every=50)
+        checks, done = [], 0
+        while done < budget.steps:
+            done += 1
+            now[0] += 2.0 if done <= slow_until else 1.0
+            if budget.observe(done):
+                checks.append(done)
+        return budget, now[0], checks
+
+    once, once_s, _ = run(0.0, slow_until=100)
+    assert once.steps == 10 + (1000 - 20) // 2 and once.revisions == []  # 500: the slow rate, planned once
+    assert once_s < 0.8 * 1000  # a fifth of the budget left unused
+    revised, revised_s, checks = run(0.5, slow_until=100)
+    assert revised.revisions and all(step <= 0.5 * steps for step, steps in revised.revisions)
+    assert revised.revisions[-1][1] == revised.steps > once.steps
+    assert 0.97 * 1000 <= revised_s <= 1000  # the budget used, not overrun
+    assert checks[0] == 10 and all(b - a == 50 for a, b in zip(checks, checks[1:]))
+    assert checks[-1] <= 0.5 * revised.steps
+    steady, _, _ = run(0.5, slow_until=0)  # a steady rate: checks find the plan within tolerance
+    assert steady.revisions == [] and steady.steps == 10 + (1000 - 10) // 1
+
+
 def test_shape_overrides_replace_the_presets_dimensions(cfg):
     """--n-layer/--n-head/--d-model size the model (the wide/shallow lever); unset ones keep the preset's."""
     train(replace(cfg, steps=2, n_layer=1, d_model=96, n_head=3))
