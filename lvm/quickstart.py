@@ -42,6 +42,7 @@ TOKENIZER_SHARE = 0.2  # of the time left for the two trained stages; the LVM ge
 # A run whose sweep picks a shallower layer finishes early (layer 3: probes 738 s).
 FEATURE_IMAGES_PER_MODEL = 82_000
 FIT_PASSES_PER_MODEL = 1440
+FIT_DIMS = 2304  # the width those passes were counted at: the small LVM's 256 states x the probe's 3x3 pooling grid
 PIXEL_FIT_PASSES = 500
 ESTIMATE_MARGIN = 1.05  # fixed stages are predicted, not fitted: err a little on the long side
 RANDOM_INIT_MAX_SHARE = 1 / 3  # the random-init baseline runs only if the whole probe stage fits in this share
@@ -155,6 +156,8 @@ def quickstart(cfg: QuickstartConfig) -> dict:
         eval_rows=16 if fast else 64, seed=cfg.seed, compile=not fast and use_compile(cfg), precision=cfg.precision,
     ))
     entropy = unigram_entropy(np.asarray(train_tokens.tokens))
+    if summary.get("plan_revisions"):  # the step plan moved with the machine's speed (lvm.runtime.StepBudget)
+        stages["pretrain"]["plan_revisions"] = summary["plan_revisions"]
     budget.end("pretrain", steps=summary["steps"])
 
     # 4. continuations --------------------------------------------------------------------------
@@ -464,7 +467,7 @@ def measure_speeds(precision: str = "auto", shape: RunShape | None = None, pixel
         forward_s = _best_time(lambda: forward(ids, layers=[lvm.config.n_layer]), repeats=2)
         images = torch.rand(min(512, max(64, 2**22 // (size * size * channels))), channels, size, size, generator=gen)
         encode_s = _best_time(lambda: tok.encode(images))
-    x, w = torch.randn(15_000, 2304, generator=gen), torch.randn(2304, 10, generator=gen)
+    x, w = torch.randn(15_000, FIT_DIMS, generator=gen), torch.randn(FIT_DIMS, 10, generator=gen)
     pass_s = 4 * _best_time(lambda: (x @ w).T @ x, repeats=2)  # forward + weight gradient, scaled to 60k rows
     forward_ips, encode_ips = 256 / forward_s, len(images) / encode_s
     # compiling once for the layer sweep's layers and once for the chosen layer; nothing where the forward is eager
@@ -474,7 +477,7 @@ def measure_speeds(precision: str = "auto", shape: RunShape | None = None, pixel
     # share of the L-BFGS fits, calibrated at Fashion-MNIST's 60k rows; raw pixels are pooled to <= 2352 values.
     feature_s = FEATURE_IMAGES_PER_MODEL / 75_000 / forward_ips
     pixel_dims = min(size * size * channels, 2352)
-    fit_s = FIT_PASSES_PER_MODEL * pass_s / 60_000 * ((2304 + pixel_dims) / 2304 if pixels else 1.0)
+    fit_s = FIT_PASSES_PER_MODEL * pass_s / 60_000 * ((FIT_DIMS + pixel_dims) / FIT_DIMS if pixels else 1.0)
     pixel_s = PIXEL_FIT_PASSES * pass_s / 60_000 * max(1.0, pixel_dims / 784)
     sweep = min(5000, shape.train)
     per_model = ESTIMATE_MARGIN * (feature_s * (sweep + shape.train + shape.test) + fit_s * shape.train + compile_s)
@@ -790,6 +793,13 @@ def budget_lines(budget: Budget, cfg: QuickstartConfig) -> list[str]:
     grid = f"--grid {cfg.grid} " if cfg.grid else ""
     again = (f"`lvm quickstart {grid}--tokenizer-steps {steps['tokenizer']} --lvm-steps {steps['pretrain']}` "
              "trains the same models again." if steps.get("tokenizer") and steps.get("pretrain") else "")
+    revised = budget.stages.get("pretrain", {}).get("plan_revisions")
+    if again and revised:
+        again = again.replace("the same models again.", (
+            "the same step counts again, with the LVM's learning-rate schedule set for "
+            f"{steps['pretrain']:,} steps from the start (this run's plan was revised at step"
+            f"{'s' if len(revised) > 1 else ''} {', '.join(f'{r[0]:,}' for r in revised)} as the machine's speed "
+            "moved: a close model, not the same one)."))
     random_left_out = budget.measured.get("random_init") is False
     skipped = ("The random-init baseline was left out to keep the probes within the budget on this CPU; "
                f"`{probe_command(cfg, budget)}` runs it." if random_left_out else "")

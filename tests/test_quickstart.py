@@ -87,6 +87,18 @@ def test_budget_shares_follow_the_measured_fixed_stages(tmp_path, monkeypatch):
     assert qs.Budget.load_or_plan(tmp_path / "none", QuickstartConfig(time_budget=0)).share("pretrain") == 0.0
 
 
+def test_report_says_when_the_lvm_step_plan_was_revised_during_the_run():
+    import lvm.quickstart as qs
+
+    stages = {"tokenizer": {"steps": 1000}, "pretrain": {"steps": 1923}}
+    plain = "\n".join(qs.budget_lines(qs.Budget(None, 1800, stages, {}), QuickstartConfig(grid=14)))
+    assert "`lvm quickstart --grid 14 --tokenizer-steps 1000 --lvm-steps 1923` trains the same models again." in plain
+    stages["pretrain"]["plan_revisions"] = [[70, 2309], [170, 1923]]
+    revised = "\n".join(qs.budget_lines(qs.Budget(None, 1800, stages, {}), QuickstartConfig(grid=14)))
+    assert "--lvm-steps 1923` trains the same step counts again" in revised and "same models" not in revised
+    assert "revised at steps 70, 170" in revised
+
+
 def test_measured_speeds_predict_positive_stage_times():
     from lvm.quickstart import RunShape, measure_speeds, supervised_seconds
 
