@@ -121,6 +121,19 @@ LEVERS: dict[str, dict] = {
                       "probe_protocol": ["--fractions", "1.0", "--seeds", "1", "--pixels", "both"],
                       "why": "amx_grid14 with twice its LVM steps (2,338 of 8 rows; its tokenizer and shards; its own "
                              "layer sweep): beyond the AMX default's compute, a point on its curve at 100 % labels"},
+    # session 13's 30-minute default on 2 AMX cores (the probes' share a third, the step plan revised during the
+    # run: tokenizer 1,000 steps, LVM 1,923 of 8 rows), linked in from its run folder like amx_grid14, and its
+    # out-of-domain twin at the same step counts
+    "amx_default13": {"tok": ["--grid", "14"], "tokenizer_steps": 1000, "lvm_steps": 1923,
+                      "train": ["--batch-size", "8", "--compile"],
+                      "probe_protocol": FULL_PROTOCOL, "probe": ["--layers", "5"],
+                      "why": "the 30-minute `lvm quickstart` on 2 AMX cores since session 13 (14x14; tokenizer 1,000 "
+                             "steps, LVM 1,923 steps of 8 rows, bf16); probed at layer 5, its quickstart's sweep's pick"},
+    "ood_amx_default13": {"data": "skimage-crops", "tok": ["--grid", "14"], "tokenizer_steps": 1000,
+                          "lvm_steps": 1923, "train": ["--batch-size", "8", "--compile"],
+                          "probe_protocol": FULL_PROTOCOL, "probe": ["--baselines", "--supervised"],
+                          "why": "amx_default13's recipe and step counts on scikit-image crops (28 px grey): out of "
+                                 "domain; its own layer sweep; with the raw-pixel and supervised-CNN baselines"},
     # beyond equal compute: the grid that won, given the steps that won (its tokenizer and shards, 3x its steps)
     "grid14_x3": {"base": "grid14", "lvm_steps": 3 * 120, "probe": ["--layers", "6"],
                   "why": "grid14 with 3x its LVM steps (3x the baseline's compute; its tokenizer and shards; "
