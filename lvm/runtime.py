@@ -279,8 +279,8 @@ class StepBudget:
     ``out_of_time`` stop only. ``margin`` keeps room for evals and checkpoints.
 
     ``revise_until`` > 0: the plan is checked again every ``revise_every`` steps, from the rate of the
-    later half of the steps since the first decision, while the run is in its first ``revise_until`` fraction, and changed
-    when it is off by more than ``revise_tolerance``. A rate taken in the first few dozen steps can be
+    later half of the steps timed so far, while the run is in its first ``revise_until`` fraction, and changed when
+    it is off by more than ``revise_tolerance``. A rate taken in the first few dozen steps can be
     far from the run's (a shared machine's speed drifts; caches and allocators settle): a session-12
     run planned 1,169 steps at step 20 and left 20 % of its share unused. A revision bends the LR
     schedule to the new length from that step on (``warmup_cosine`` is then that of the final length
@@ -338,7 +338,7 @@ class StepBudget:
         """The step count that fits the time left at the measured rate. At the first decision the rate is that
         since the mark; at a check, that of the later half of the steps since then (the checks' marks): recent
         enough to leave a slow start behind, long enough that one eval or checkpoint does not swing it (a
-        50-step window moved a 30-minute quickstart's plan between 1,941 and 2,400 steps)."""
+        50-step window moved a 30-minute quickstart's plan between 1,132 and 2,400 steps)."""
         now = self.clock()
         self._marks.append((done, now))
         middle = self._marks[0][0] + (done - self._marks[0][0]) / 2
