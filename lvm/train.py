@@ -86,8 +86,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     time_budget: float = 0.0  # minutes; > 0: the step count (<= steps) that fits, decided at the end of warmup
                               # from the measured speed; an overrun still stops at a clean checkpoint
-    budget_revise_until: float = 0.5  # with --time-budget: re-check the plan every 50 steps while in this share
-                                      # of the run (the early rate can be far from the run's); 0 = plan once
+    budget_revise_until: float = 0.5  # --time-budget: re-plan every 50 steps through this share of the run; 0: once
     resume: bool = True  # continue from out/latest when it exists
     progress: bool = True
 
