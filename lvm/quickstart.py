@@ -247,9 +247,9 @@ def use_compile(cfg: QuickstartConfig) -> bool:
 
 
 # --grid 0 where bf16 is fast: the finest grid of at most this many tokens per side. On 2 AMX cores the 30-minute run
-# at 14x14 scored 79.7 / 86.2 / 88.2 / 89.5 % (states; 80.5 / 87.1 / 88.3 / 89.8 % with the pixels) at 1 / 10 / 30 /
-# 100 % of the Fashion-MNIST labels against 79.6 / 85.1 / 86.9 / 88.6 % for the 7x7 grid's 24,000 rows there
-# (bench/results/claim-table-amx.md); on an fp32 CPU the 14x14 grid's 4.7x cost per image leaves too few steps
+# at 14x14 scored 79.7 / 86.2 / 88.2 / 89.5 % (states, session 12; 80.1 / 87.0 / 88.6 / 90.2 % in session 13's, with
+# more LVM steps in the same budget) at 1 / 10 / 30 / 100 % of the Fashion-MNIST labels against 79.6 / 85.1 / 86.9 /
+# 88.6 % for the 7x7 grid's 24,000 rows there (bench/results/claim-table-amx.md); on an fp32 CPU the 14x14 grid's 4.7x cost per image leaves too few steps
 # (bench/results/grid-cost-cpu.md), so it stays at 8 (7x7).
 FAST_MAX_GRID = 14
 
