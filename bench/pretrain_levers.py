@@ -39,6 +39,20 @@ LVM_STEP_S = 3.34  # 353.9 s / 106 steps in that run
 # every label fraction, 3 subsets each, with and without the raw pixels (the claim table's protocol)
 FULL_PROTOCOL = ["--fractions", "0.01", "0.1", "0.3", "1.0", "--seeds", "3", "--pixels", "both"]
 
+def amx_default_pair(name: str, lvm_steps: int, what: str) -> dict[str, dict]:
+    """An AMX 30-minute default (14x14, the tokenizer's 1,000-step cap, ``lvm_steps`` of 8 rows, probed at layer 5,
+    its quickstart's sweep's pick; linked in from its run folder) and its out-of-domain twin ``ood_<name>``: the
+    same recipe and step counts on scikit-image crops, its own layer sweep, with the baselines. Both are probed on
+    every label fraction with and without the pixels, like the claim table's rows."""
+    recipe = {"tok": ["--grid", "14"], "tokenizer_steps": 1000, "lvm_steps": lvm_steps,
+              "train": ["--batch-size", "8", "--compile"], "probe_protocol": FULL_PROTOCOL}
+    return {name: {**recipe, "probe": ["--layers", "5"],
+                   "why": f"{what}; probed at layer 5, its quickstart's sweep's pick"},
+            f"ood_{name}": {**recipe, "data": "skimage-crops", "probe": ["--baselines", "--supervised"],
+                            "why": f"{name}'s recipe and step counts on scikit-image crops (28 px grey): out of "
+                                   "domain; its own layer sweep; with the raw-pixel and supervised-CNN baselines"}}
+
+
 # name -> what changes. tok / train: extra CLI flags; *_steps: step counts; pairs: a transform whose tokens
 # sit beside each image in one sentence; data: the pretraining source; base: the lever whose tokenizer and
 # shards an LVM-only lever trains on (default: the baseline's).
@@ -103,37 +117,19 @@ LEVERS: dict[str, dict] = {
                       "probe_protocol": ["--fractions", "0.1", "--seeds", "3"],
                       "why": "the out-of-domain tokenizer (ood_current's), LVM pretrained on Fashion-MNIST (the current "
                              "recipe); 3 label subsets of 10 %"},
-    # session 12, on 2 AMX cores: the 30-minute `lvm quickstart --grid 14` (bf16; its budget bought the tokenizer's
-    # 1,000-step cap and 1,169 LVM steps of 8 rows), linked in from its run folder like `current`, and its out-of-domain
-    # twin; both probed on every label fraction with and without the pixels, like the claim table's rows
-    "amx_grid14": {"tok": ["--grid", "14"], "tokenizer_steps": 1000, "lvm_steps": 1169,
-                   "train": ["--batch-size", "8", "--compile"],
-                   "probe_protocol": FULL_PROTOCOL, "probe": ["--layers", "5"],
-                   "why": "the 30-minute `lvm quickstart --grid 14` on 2 AMX cores (session 12: tokenizer 1,000 steps, "
-                          "LVM 1,169 steps of 8 rows, bf16); probed at layer 5, its quickstart's sweep's pick"},
-    "ood_amx_grid14": {"data": "skimage-crops", "tok": ["--grid", "14"], "tokenizer_steps": 1000, "lvm_steps": 1169,
-                       "train": ["--batch-size", "8", "--compile"], "probe_protocol": FULL_PROTOCOL,
-                       "probe": ["--baselines", "--supervised"],
-                       "why": "amx_grid14's recipe and step counts on scikit-image crops (28 px grey): out of domain; "
-                              "its own layer sweep; with the raw-pixel and supervised-CNN baselines"},
+    # session 12, on 2 AMX cores: the 30-minute `lvm quickstart --grid 14` (its budget bought the tokenizer's 1,000-step
+    # cap and 1,169 LVM steps of 8 rows), linked in from its run folder like `current`, and its out-of-domain twin
+    **amx_default_pair("amx_grid14", 1169, "the 30-minute `lvm quickstart --grid 14` on 2 AMX cores (session 12: "
+                       "tokenizer 1,000 steps, LVM 1,169 steps of 8 rows, bf16)"),
     # the AMX default's curve: twice its LVM steps on its tokenizer and shards (what would reach 90 % at 100 %?)
     "amx_grid14_x2": {"base": "amx_grid14", "lvm_steps": 2 * 1169, "train": ["--batch-size", "8", "--compile"],
                       "probe_protocol": ["--fractions", "1.0", "--seeds", "1", "--pixels", "both"],
                       "why": "amx_grid14 with twice its LVM steps (2,338 of 8 rows; its tokenizer and shards; its own "
                              "layer sweep): beyond the AMX default's compute, a point on its curve at 100 % labels"},
     # session 13's 30-minute default on 2 AMX cores (the probes' share a third, the step plan revised during the
-    # run: tokenizer 1,000 steps, LVM 1,923 of 8 rows), linked in from its run folder like amx_grid14, and its
-    # out-of-domain twin at the same step counts
-    "amx_default13": {"tok": ["--grid", "14"], "tokenizer_steps": 1000, "lvm_steps": 1923,
-                      "train": ["--batch-size", "8", "--compile"],
-                      "probe_protocol": FULL_PROTOCOL, "probe": ["--layers", "5"],
-                      "why": "the 30-minute `lvm quickstart` on 2 AMX cores since session 13 (14x14; tokenizer 1,000 "
-                             "steps, LVM 1,923 steps of 8 rows, bf16); probed at layer 5, its quickstart's sweep's pick"},
-    "ood_amx_default13": {"data": "skimage-crops", "tok": ["--grid", "14"], "tokenizer_steps": 1000,
-                          "lvm_steps": 1923, "train": ["--batch-size", "8", "--compile"],
-                          "probe_protocol": FULL_PROTOCOL, "probe": ["--baselines", "--supervised"],
-                          "why": "amx_default13's recipe and step counts on scikit-image crops (28 px grey): out of "
-                                 "domain; its own layer sweep; with the raw-pixel and supervised-CNN baselines"},
+    # run: LVM 1,923 steps of 8 rows), linked in from its run folder like amx_grid14, and its out-of-domain twin
+    **amx_default_pair("amx_default13", 1923, "the 30-minute `lvm quickstart` on 2 AMX cores since session 13 "
+                       "(14x14; tokenizer 1,000 steps, LVM 1,923 steps of 8 rows, bf16)"),
     # beyond equal compute: the grid that won, given the steps that won (its tokenizer and shards, 3x its steps)
     "grid14_x3": {"base": "grid14", "lvm_steps": 3 * 120, "probe": ["--layers", "6"],
                   "why": "grid14 with 3x its LVM steps (3x the baseline's compute; its tokenizer and shards; "
