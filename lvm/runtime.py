@@ -303,8 +303,8 @@ class StepBudget:
         self.steps = planned if planned is not None else max_steps  # until decided: the upper bound
         self.decided = planned is not None or not can_plan
         self.fitted = planned is not None  # the length was chosen for the budget (now or before a resume)
-        self._mark: tuple[int, float] | None = None
-        self._marks: list[tuple[int, float]] = []  # (steps done, clock) at the first decision's mark and each check
+        # (steps done, clock) after this process's first ``skip`` steps, then at the decision and each check
+        self._marks: list[tuple[int, float]] = []
         self._seen = 0
 
     def observe(self, done: int, spent_before: float = 0.0) -> bool:
@@ -326,23 +326,22 @@ class StepBudget:
             return True  # a check, changed or not: every rank takes rank 0's count here
         self._seen += 1
         if self._seen == self.skip:
-            self._mark = (done, self.clock())
-        if self._mark is None or done < self.decide_at or done - self._mark[0] < 2:
+            self._marks = [(done, self.clock())]
+        if not self._marks or done < self.decide_at or done - self._marks[0][0] < 2:
             return False
-        self._marks = [self._mark]
         self.steps = self._fit(done, spent_before)
         self.decided = self.fitted = True
         return True
 
     def _fit(self, done: int, spent_before: float) -> int:
         """The step count that fits the time left at the measured rate. At the first decision the rate is that
-        since the mark; at a check, that of the later half of the steps since then (the checks' marks): recent
+        since the first mark; at a check, that of the later half of the steps since then (the marks): recent
         enough to leave a slow start behind, long enough that one eval or checkpoint does not swing it (a
         50-step window moved a 30-minute quickstart's plan between 1,132 and 2,400 steps)."""
         now = self.clock()
         self._marks.append((done, now))
         middle = self._marks[0][0] + (done - self._marks[0][0]) / 2
-        start = max((m for m in self._marks[:-1] if m[0] <= middle), key=lambda m: m[0], default=self._marks[0])
+        start = [m for m in self._marks[:-1] if m[0] <= middle][-1]  # the first mark always qualifies
         per_step = (now - start[1]) / max(done - start[0], 1)
         left = self.seconds * (1 - self.margin) - (now - self.t0) - spent_before
         if self.revise_until > 0:

@@ -103,12 +103,12 @@ def train(cfg: TrainConfig) -> dict:
         while done < budget.steps:
             loss, grad_norm = _train_step(run, done)
             done += 1
-            planned = budget.steps
+            planned, deciding = budget.steps, not budget.decided
             if budget.observe(done, run.spent_before):  # every rank decides at the same step; rank 0's count wins
                 budget.steps = int(_from_rank0(budget.steps, run))
                 bar.total = budget.steps
-                if run.is_main and (budget.steps != planned or len(budget.revisions) == 0):
-                    what = "now fit" if budget.revisions else "fit"
+                if run.is_main and (deciding or budget.steps != planned):  # the plan, then only its changes
+                    what = "fit" if deciding else "now fit"
                     print(f"\ntrain: {budget.steps} steps {what} the {cfg.time_budget:g}-minute budget", flush=True)
             record = {"step": done}
             if done % cfg.log_every == 0 or done == budget.steps:
