@@ -791,15 +791,14 @@ def budget_lines(budget: Budget, cfg: QuickstartConfig) -> list[str]:
         rows.append(f"| {name} | {plan} | {rec.get('seconds', '')} | {rec.get('steps', '')} |")
     steps = {k: v.get("steps") for k, v in budget.stages.items()}
     grid = f"--grid {cfg.grid} " if cfg.grid else ""
-    again = (f"`lvm quickstart {grid}--tokenizer-steps {steps['tokenizer']} --lvm-steps {steps['pretrain']}` "
-             "trains the same models again." if steps.get("tokenizer") and steps.get("pretrain") else "")
     revised = budget.stages.get("pretrain", {}).get("plan_revisions")
-    if again and revised:
-        again = again.replace("the same models again.", (
-            "the same step counts again, with the LVM's learning-rate schedule set for "
-            f"{steps['pretrain']:,} steps from the start (this run's plan was revised at step"
-            f"{'s' if len(revised) > 1 else ''} {', '.join(f'{r[0]:,}' for r in revised)} as the machine's speed "
-            "moved: a close model, not the same one)."))
+    same = "the same models again." if not revised else (
+        "the same step counts again, with the LVM's learning-rate schedule set for "
+        f"{steps['pretrain']:,} steps from the start (this run's plan was revised at step"
+        f"{'s' if len(revised) > 1 else ''} {', '.join(f'{r[0]:,}' for r in revised)} as the machine's speed "
+        "moved: a close model, not the same one).")
+    again = (f"`lvm quickstart {grid}--tokenizer-steps {steps['tokenizer']} --lvm-steps {steps['pretrain']}` "
+             f"trains {same}" if steps.get("tokenizer") and steps.get("pretrain") else "")
     random_left_out = budget.measured.get("random_init") is False
     skipped = ("The random-init baseline was left out to keep the probes within the budget on this CPU; "
                f"`{probe_command(cfg, budget)}` runs it." if random_left_out else "")
