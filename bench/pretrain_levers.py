@@ -130,6 +130,13 @@ LEVERS: dict[str, dict] = {
     # run: LVM 1,923 steps of 8 rows), linked in from its run folder like amx_grid14, and its out-of-domain twin
     **amx_default_pair("amx_default13", 1923, "the 30-minute `lvm quickstart` on 2 AMX cores since session 13 "
                        "(14x14; tokenizer 1,000 steps, LVM 1,923 steps of 8 rows, bf16)"),
+    # the AMX default's curve for target 4 (domain at 30 % vs out of domain at 100 %): 3,200 LVM steps (1.66x, what a
+    # ~40-minute budget buys) on each pair member's own tokenizer and shards, both with their own layer sweep
+    **{f"{prefix}amx_3200": {"base": f"{prefix}amx_default13", "lvm_steps": 3200,
+                             "train": ["--batch-size", "8", "--compile"], "probe_protocol": FULL_PROTOCOL,
+                             "why": f"{prefix}amx_default13 with 3,200 LVM steps instead of 1,923 (its tokenizer and "
+                                    "shards; its own layer sweep): a point beyond the 30-minute default"}
+       for prefix in ("", "ood_")},
     # beyond equal compute: the grid that won, given the steps that won (its tokenizer and shards, 3x its steps)
     "grid14_x3": {"base": "grid14", "lvm_steps": 3 * 120, "probe": ["--layers", "6"],
                   "why": "grid14 with 3x its LVM steps (3x the baseline's compute; its tokenizer and shards; "
