@@ -137,6 +137,13 @@ LEVERS: dict[str, dict] = {
                              "why": f"{prefix}amx_default13 with 3,200 LVM steps instead of 1,923 (its tokenizer and "
                                     "shards; its own layer sweep): a point beyond the 30-minute default"}
        for prefix in ("", "ood_")},
+    # the steps saturated there; is it capacity? A wider LVM (6 x 384, ~2.2x the non-embedding parameters) at about
+    # the default's LVM seconds, on the default's tokenizer and shards (the domain side only, first)
+    "amx_wide384": {"base": "amx_default13", "lvm_steps": 1000,
+                    "train": ["--batch-size", "8", "--compile", "--d-model", "384", "--n-head", "6"],
+                    "probe_protocol": ["--fractions", "0.1", "0.3", "1.0", "--seeds", "3"],
+                    "why": "amx_default13's tokenizer and shards, a wider LVM (6 x 384 instead of 6 x 256) for 1,000 "
+                           "steps of 8 rows (about the default's 1,923 steps' seconds); its own layer sweep"},
     # beyond equal compute: the grid that won, given the steps that won (its tokenizer and shards, 3x its steps)
     "grid14_x3": {"base": "grid14", "lvm_steps": 3 * 120, "probe": ["--layers", "6"],
                   "why": "grid14 with 3x its LVM steps (3x the baseline's compute; its tokenizer and shards; "
