@@ -443,7 +443,7 @@ def measure_speeds(precision: str = "auto", shape: RunShape | None = None, pixel
 
     from lvm.config import LVMConfig
     from lvm.model import LVM
-    from lvm.probe import _compiled_forward
+    from lvm.probe import PIXEL_FEATURES_MAX, _compiled_forward
     from lvm.runtime import mixed_precision
     from tokenizer.model import Tokenizer, TokenizerConfig, auto_layout
 
@@ -474,9 +474,9 @@ def measure_speeds(precision: str = "auto", shape: RunShape | None = None, pixel
     compile_s = 2 * max(0.0, first_s - forward_s) if compiled is not None else 0.0
     cnn_step_s, cnn_eval_ips = time_supervised_cnn(shape, precision)
     # Per labelled training image: its features (x1.09: the measured rate overstates a full run's) and its
-    # share of the L-BFGS fits, calibrated at Fashion-MNIST's 60k rows; raw pixels are pooled to <= 2352 values.
+    # share of the L-BFGS fits, calibrated at Fashion-MNIST's 60k rows; raw pixels are pooled to <= PIXEL_FEATURES_MAX values.
     feature_s = FEATURE_IMAGES_PER_MODEL / 75_000 / forward_ips
-    pixel_dims = min(size * size * channels, 2352)
+    pixel_dims = min(size * size * channels, PIXEL_FEATURES_MAX)
     fit_s = FIT_PASSES_PER_MODEL * pass_s / 60_000 * ((FIT_DIMS + pixel_dims) / FIT_DIMS if pixels else 1.0)
     pixel_s = PIXEL_FIT_PASSES * pass_s / 60_000 * max(1.0, pixel_dims / 784)
     sweep = min(5000, shape.train)
