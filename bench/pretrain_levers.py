@@ -144,6 +144,14 @@ LEVERS: dict[str, dict] = {
                     "probe_protocol": ["--fractions", "0.1", "0.3", "1.0", "--seeds", "3"],
                     "why": "amx_default13's tokenizer and shards, a wider LVM (6 x 384 instead of 6 x 256) for 1,000 "
                            "steps of 8 rows (about the default's 1,923 steps' seconds); its own layer sweep"},
+    # wider lost at equal seconds (undertrained); the other shape at about the same parameters and seconds: deeper and
+    # narrower (10 x 192, head dim 64 as in `small`), on the same tokenizer and shards
+    "amx_deep10": {"base": "amx_default13", "lvm_steps": 1500,
+                   "train": ["--batch-size", "8", "--compile", "--n-layer", "10", "--d-model", "192", "--n-head", "3"],
+                   "probe_protocol": ["--fractions", "0.1", "0.3", "1.0", "--seeds", "3"],
+                   "why": "amx_default13's tokenizer and shards, a deeper and narrower LVM (10 x 192 instead of 6 x 256, "
+                          "about the same parameters) for 1,500 steps of 8 rows (about the default's LVM seconds); its "
+                          "own layer sweep"},
     # beyond equal compute: the grid that won, given the steps that won (its tokenizer and shards, 3x its steps)
     "grid14_x3": {"base": "grid14", "lvm_steps": 3 * 120, "probe": ["--layers", "6"],
                   "why": "grid14 with 3x its LVM steps (3x the baseline's compute; its tokenizer and shards; "
