@@ -152,6 +152,13 @@ LEVERS: dict[str, dict] = {
                    "why": "amx_default13's tokenizer and shards, a deeper and narrower LVM (10 x 192 instead of 6 x 256, "
                           "about the same parameters) for 1,500 steps of 8 rows (about the default's LVM seconds); its "
                           "own layer sweep"},
+    # neither shape won; the tokenizer's vocabulary at 14x14 (FSQ 4,375 codes; +0.1 at 7x7 on fp32): its own tokenizer
+    # and shards, the LVM steps cut by the 7x7 lever's 1.15 (the larger embedding and output layer)
+    "amx_fsq4k": {"tok": ["--grid", "14", "--fsq-levels", "7,5,5,5,5"], "tokenizer_steps": 1000,
+                  "lvm_steps": round(1923 / 1.15), "train": ["--batch-size", "8", "--compile"],
+                  "probe_protocol": ["--fractions", "0.1", "0.3", "1.0", "--seeds", "3"],
+                  "why": "amx_default13's recipe with FSQ levels 7,5,5,5,5 (4,375 codes instead of 1,000; its own "
+                         "tokenizer and shards) and 1,672 LVM steps of 8 rows (1,923 / 1.15); its own layer sweep"},
     # beyond equal compute: the grid that won, given the steps that won (its tokenizer and shards, 3x its steps)
     "grid14_x3": {"base": "grid14", "lvm_steps": 3 * 120, "probe": ["--layers", "6"],
                   "why": "grid14 with 3x its LVM steps (3x the baseline's compute; its tokenizer and shards; "
