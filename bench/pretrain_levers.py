@@ -38,6 +38,12 @@ LVM_STEP_S = 3.34  # 353.9 s / 106 steps in that run
 
 # every label fraction, 3 subsets each, with and without the raw pixels (the claim table's protocol)
 FULL_PROTOCOL = ["--fractions", "0.01", "0.1", "0.3", "1.0", "--seeds", "3", "--pixels", "both"]
+# the domain-side levers of target 4: the fractions it compares, 3 subsets each, the states alone
+TARGET4_PROTOCOL = ["--fractions", "0.1", "0.3", "1.0", "--seeds", "3"]
+# a ~4k-code head's LVM step against the 1,000-code one's (measured side by side, 1 thread, 16 x 510 tokens:
+# 7.49 vs 6.52 s): vocabulary levers pay for it with LVM steps
+HEAD_4K_STEP_COST = 1.15
+AMX_DEFAULT13_STEPS = 1923  # LVM steps of 8 rows the AMX 30-minute default bought in session 13
 
 def amx_default_pair(name: str, lvm_steps: int, what: str) -> dict[str, dict]:
     """An AMX 30-minute default (14x14, the tokenizer's 1,000-step cap, ``lvm_steps`` of 8 rows, probed at layer 5,
@@ -79,11 +85,11 @@ LEVERS: dict[str, dict] = {
     # the tokenizer's vocabulary (FSQ level sets of the FSQ paper for ~2^12 and ~2^14 codes; VQ at 2^12): more bits
     # per token, paid for with LVM steps, as a bigger head costs 1.15x / 1.69x the baseline's step (measured side by
     # side, 1 thread, 16 x 510 tokens: 7.49 / 11.03 s vs 6.52 s)
-    "fsq_4k": {"tok": ["--fsq-levels", "7,5,5,5,5"], "lvm_steps": round(LVM_STEPS / 1.15),
+    "fsq_4k": {"tok": ["--fsq-levels", "7,5,5,5,5"], "lvm_steps": round(LVM_STEPS / HEAD_4K_STEP_COST),
                "why": "FSQ levels 7,5,5,5,5 (4,375 codes instead of 1,000)"},
     "fsq_16k": {"tok": ["--fsq-levels", "8,8,8,6,5"], "lvm_steps": round(LVM_STEPS / 1.69),
                 "why": "FSQ levels 8,8,8,6,5 (15,360 codes)"},
-    "vq_4k": {"tok": ["--quantizer", "vq", "--codebook-size", "4096"], "lvm_steps": round(LVM_STEPS / 1.15),
+    "vq_4k": {"tok": ["--quantizer", "vq", "--codebook-size", "4096"], "lvm_steps": round(LVM_STEPS / HEAD_4K_STEP_COST),
               "why": "VQ with 4,096 codes (k-means init, dead-code replacement) instead of FSQ"},
     # the two winners at equal compute together: what `lvm quickstart --grid 14` trains (8 rows a step)
     "grid14_batch8": {"base": "grid14", "train": ["--batch-size", "8"], "lvm_steps": 2 * 120, "probe": ["--layers", "6"],
@@ -128,7 +134,7 @@ LEVERS: dict[str, dict] = {
                              "layer sweep): beyond the AMX default's compute, a point on its curve at 100 % labels"},
     # session 13's 30-minute default on 2 AMX cores (the probes' share a third, the step plan revised during the
     # run: LVM 1,923 steps of 8 rows), linked in from its run folder like amx_grid14, and its out-of-domain twin
-    **amx_default_pair("amx_default13", 1923, "the 30-minute `lvm quickstart` on 2 AMX cores since session 13 "
+    **amx_default_pair("amx_default13", AMX_DEFAULT13_STEPS, "the 30-minute `lvm quickstart` on 2 AMX cores since session 13 "
                        "(14x14; tokenizer 1,000 steps, LVM 1,923 steps of 8 rows, bf16)"),
     # the AMX default's curve for target 4 (domain at 30 % vs out of domain at 100 %): 3,200 LVM steps (1.66x, what a
     # ~40-minute budget buys) on each pair member's own tokenizer and shards, both with their own layer sweep
@@ -141,22 +147,22 @@ LEVERS: dict[str, dict] = {
     # the default's LVM seconds, on the default's tokenizer and shards (the domain side only, first)
     "amx_wide384": {"base": "amx_default13", "lvm_steps": 1000,
                     "train": ["--batch-size", "8", "--compile", "--d-model", "384", "--n-head", "6"],
-                    "probe_protocol": ["--fractions", "0.1", "0.3", "1.0", "--seeds", "3"],
+                    "probe_protocol": TARGET4_PROTOCOL,
                     "why": "amx_default13's tokenizer and shards, a wider LVM (6 x 384 instead of 6 x 256) for 1,000 "
                            "steps of 8 rows (about the default's 1,923 steps' seconds); its own layer sweep"},
     # wider lost at equal seconds (undertrained); the other shape at about the same parameters and seconds: deeper and
     # narrower (10 x 192, head dim 64 as in `small`), on the same tokenizer and shards
     "amx_deep10": {"base": "amx_default13", "lvm_steps": 1500,
                    "train": ["--batch-size", "8", "--compile", "--n-layer", "10", "--d-model", "192", "--n-head", "3"],
-                   "probe_protocol": ["--fractions", "0.1", "0.3", "1.0", "--seeds", "3"],
+                   "probe_protocol": TARGET4_PROTOCOL,
                    "why": "amx_default13's tokenizer and shards, a deeper and narrower LVM (10 x 192 instead of 6 x 256, "
                           "about the same parameters) for 1,500 steps of 8 rows (about the default's LVM seconds); its "
                           "own layer sweep"},
     # neither shape won; the tokenizer's vocabulary at 14x14 (FSQ 4,375 codes; +0.1 at 7x7 on fp32): its own tokenizer
-    # and shards, the LVM steps cut by the 7x7 lever's 1.15 (the larger embedding and output layer)
+    # and shards, the LVM steps cut by HEAD_4K_STEP_COST (the larger embedding and output layer)
     "amx_fsq4k": {"tok": ["--grid", "14", "--fsq-levels", "7,5,5,5,5"], "tokenizer_steps": 1000,
-                  "lvm_steps": round(1923 / 1.15), "train": ["--batch-size", "8", "--compile"],
-                  "probe_protocol": ["--fractions", "0.1", "0.3", "1.0", "--seeds", "3"],
+                  "lvm_steps": round(AMX_DEFAULT13_STEPS / HEAD_4K_STEP_COST), "train": ["--batch-size", "8", "--compile"],
+                  "probe_protocol": TARGET4_PROTOCOL,
                   "why": "amx_default13's recipe with FSQ levels 7,5,5,5,5 (4,375 codes instead of 1,000; its own "
                          "tokenizer and shards) and 1,672 LVM steps of 8 rows (1,923 / 1.15); its own layer sweep"},
     # beyond equal compute: the grid that won, given the steps that won (its tokenizer and shards, 3x its steps)
