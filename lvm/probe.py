@@ -62,6 +62,7 @@ class ProbeConfig:
     test_fraction: float = DEFAULT_TEST_FRACTION  # sources without a named split: share held out as test (by path hash)
     on_error: str = "fail"  # unreadable image files: 'fail' or 'skip'
     layers: list[int] = field(default_factory=list)  # empty -> sweep every layer on a subset, keep the best
+    concat: bool = False  # linear/attentive probes: the --layers side by side as one feature, one row (layers 4+5+6)
     methods: list[str] = field(default_factory=lambda: ["linear"])  # linear, attentive, finetune
     pool: str = "grid"  # the linear probe's pooling: mean, grid, tokens (all token states concatenated)
     grid: int = 3  # g for pool=grid: token states average-pooled to g x g
@@ -110,7 +111,8 @@ def run_probe(cfg: ProbeConfig) -> dict:
     100 % labels on the first probed layer of the checkpoint, with that ``layer``, its ``features`` row name,
     the ``classes`` and ``pixels`` ((channels, side) where it reads the pixels too, else None), so that a caller
     can ship it as a classifier (``lvm.classifier_train.bundle_from_probe``) without fitting it again; ``None``
-    where no linear probe ran at 100 %."""
+    where no linear probe ran at 100 % or the layers were read as one (``concat``: a bundle reads one layer;
+    ``layer`` is then the list)."""
     _check_config(cfg)
     model, tok, ckpt = load_model_and_tokenizer(cfg.checkpoint, cfg.tokenizer)
     train_set, test_set = _labelled_sets(cfg, tok)
@@ -125,13 +127,14 @@ def run_probe(cfg: ProbeConfig) -> dict:
     for name, m in _models_to_probe(cfg, model, tok, ckpt).items():
         sweep: dict[int, torch.Tensor] = {}  # the chosen layer's features on the sweep's images
         layers = cfg.layers or [_choose_layer(name, m, task, cfg, results, sweep)]
+        readouts: list[int | list[int]] = [list(dict.fromkeys(layers))] if cfg.concat else list(layers)
         if first is None and cfg.pixels == "auto":  # decided once, on the checkpoint; every model is read alike
-            _decide_pixels(m, layers[0], task, cfg, results, sweep.get(layers[0]))
-        for layer in layers:
-            label = f"{name} (layer {layer})"
-            first = first or (label, layer)
-            results["rows"] += _probe_layer(label, m, layer, task, cfg, results["seconds_by_stage"],
-                                            keep=kept if (label, layer) == first else None)
+            _decide_pixels(m, readouts[0], task, cfg, results, sweep.get(readouts[0]) if not cfg.concat else None)
+        for readout in readouts:
+            label = f"{name} ({readout_name(readout)})"
+            first = first or (label, readout)
+            results["rows"] += _probe_layer(label, m, readout, task, cfg, results["seconds_by_stage"],
+                                            keep=kept if (label, readout) == first and not cfg.concat else None)
     if cfg.baselines:  # raw pixels, linear probe
         results["rows"] += label_efficiency("raw pixels", pixel_features(train_set), train_set.labels,
                                             pixel_features(test_set), test_set.labels, cfg.fractions, cfg.seeds,
@@ -185,6 +188,12 @@ def _check_config(cfg: ProbeConfig) -> None:
     if not 0 <= cfg.finetune_ema < 1 or not 0 < cfg.finetune_layer_decay <= 1:
         raise ProbeError(f"finetune_ema={cfg.finetune_ema} must lie in [0, 1) and finetune_layer_decay="
                          f"{cfg.finetune_layer_decay} in (0, 1].")
+    if cfg.concat and len(set(cfg.layers)) < 2:
+        raise ProbeError(f"concat reads several layers as one feature; pass two or more --layers (got {cfg.layers}), "
+                         "e.g. --layers 4 5 6 --concat.")
+    if cfg.concat and "finetune" in cfg.methods:
+        raise ProbeError("concat is a read-out of frozen states (linear, attentive); fine-tuning trains up to one "
+                         "layer: drop --concat or run --methods finetune separately.")
 
 
 def _labelled_sets(cfg: ProbeConfig, tok: Tokenizer) -> tuple[ImageSet, ImageSet]:
@@ -253,14 +262,14 @@ def _choose_layer(name: str, model: LVM, task: ProbeTask, cfg: ProbeConfig, resu
     return best
 
 
-def _decide_pixels(model: LVM, layer: int, task: ProbeTask, cfg: ProbeConfig, results: dict,
+def _decide_pixels(model: LVM, layer: int | list[int], task: ProbeTask, cfg: ProbeConfig, results: dict,
                    states: torch.Tensor | None = None) -> None:
     """``--pixels auto``: keep the pixels in ``task`` unless the states alone score clearly better (``pixels_pay``) on
     a held-out part of the layer sweep's training images, split as the sweep splits them; the scores go to ``results``.
     ``states``: the sweep's features of ``layer`` where it ran (else they are extracted here)."""
     idx = sweep_rows(len(task.train_ids), cfg)
     if states is None:
-        states = extract_features(model, task.train_ids[idx], task.special, layer, sweep_pool(cfg), cfg.grid,
+        states = readout_features(model, task.train_ids[idx], task.special, layer, sweep_pool(cfg), cfg.grid,
                                   cfg.batch_size, cfg.precision)
     keep, scores = pixels_pay(states, task.train_pixels[idx], task.train_labels[idx])
     results["pixels_choice"] = {"layer": layer, "images": len(idx), "val_accuracy": scores, "kept": keep}
@@ -287,17 +296,18 @@ def pixels_pay(states: torch.Tensor, pixels: torch.Tensor, labels: np.ndarray) -
     return float(diff.mean()) <= stderr, scores
 
 
-def _probe_layer(label: str, model: LVM, layer: int, task: ProbeTask, cfg: ProbeConfig, clock: dict,
+def _probe_layer(label: str, model: LVM, layer: int | list[int], task: ProbeTask, cfg: ProbeConfig, clock: dict,
                  keep: dict | None = None) -> list[dict]:
-    """Every requested method on one layer of one model; each stage's seconds go to ``clock``; ``keep``
-    receives the linear probe fitted at 100 % labels (see ``label_efficiency``)."""
+    """Every requested method on one layer of one model (a list: those layers side by side, frozen read-outs
+    only); each stage's seconds go to ``clock``; ``keep`` receives the linear probe fitted at 100 % labels (see
+    ``label_efficiency``)."""
     rows: list[dict] = []
     if "linear" in cfg.methods or "attentive" in cfg.methods:  # both read the cached token states
         print(f"probe: features of {label}", flush=True)
         # the linear probe alone needs only the pooled states: [N, F], not [N, h*w, D] (7 GB for Fashion-MNIST at 14x14)
         pool = "tokens" if "attentive" in cfg.methods else cfg.pool
         with _timed(clock, f"{label}: features"):
-            t_train, t_test = (extract_features(model, ids, task.special, layer, pool, cfg.grid, cfg.batch_size,
+            t_train, t_test = (readout_features(model, ids, task.special, layer, pool, cfg.grid, cfg.batch_size,
                                                 cfg.precision) for ids in (task.train_ids, task.test_ids))
         if "linear" in cfg.methods:
             with _timed(clock, f"{label}: linear"):
@@ -403,6 +413,23 @@ def _compiled_forward(model: LVM, precision: str) -> Callable | None:
 
 
 _COMPILED_HIDDEN_STATES: Callable | None = None
+
+
+def readout_features(
+    model: LVM, ids: torch.Tensor, special: SpecialTokens, layers: int | list[int], pool: str = "grid",
+    grid: int = 3, batch_size: int = 256, precision: str = "auto",
+) -> torch.Tensor:
+    """``extract_features`` of one layer, or of a list of layers concatenated along the feature axis (one forward
+    pass; ``[N, sum F]``, ``tokens``: ``[N, h*w, sum D]``): the probes' multi-layer read-out (``concat``)."""
+    if isinstance(layers, int):
+        return extract_features(model, ids, special, layers, pool, grid, batch_size, precision)
+    feats = extract_features(model, ids, special, list(layers), pool, grid, batch_size, precision)
+    return torch.cat([feats[layer] for layer in layers], -1)
+
+
+def readout_name(layers: int | list[int]) -> str:
+    """``layer 5`` or ``layers 4+5+6``: how a probe row names its read-out."""
+    return f"layer {layers}" if isinstance(layers, int) else "layers " + "+".join(map(str, layers))
 
 
 def pool_tokens(tokens: torch.Tensor, pool: str, hw: tuple[int, int], grid: int = 3, batch_size: int = 4096) -> torch.Tensor:

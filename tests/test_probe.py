@@ -246,3 +246,38 @@ def test_compiled_extraction_matches_eager_on_a_padded_last_batch(tiny_pipeline,
         assert compiled[layer].shape == eager[layer].shape == (50, model.config.d_model * 4)
         err = (compiled[layer] - eager[layer]).abs().max() / eager[layer].abs().max()
         assert err < 0.05  # bf16 autocast against fp32: every row is its own image's, in order
+
+
+def test_probe_concat_reads_the_listed_layers_as_one_feature(tiny_pipeline, tmp_path):
+    """--layers 1 2 --concat: one linear row whose features are both layers' pooled states side by side, scored
+    exactly as a probe fitted on the two single-layer extractions concatenated by hand."""
+    from lvm.checkpoint import load_model_and_tokenizer
+    from lvm.data import SpecialTokens
+    from tokenizer.images import load_images
+
+    common = dict(checkpoint=tiny_pipeline["lvm"], source=tiny_pipeline["npz"], fractions=[1.0], seeds=1,
+                  baselines=False, pool="grid", grid=2)
+    single = run_probe(ProbeConfig(**common, layers=[1, 2], out=str(tmp_path / "single")))
+    joint = run_probe(ProbeConfig(**common, layers=[1, 2], concat=True, out=str(tmp_path / "joint")))
+    (row,) = joint["rows"]
+    assert row["features"] == "lvm (layers 1+2)" and joint["layer"] == [1, 2]
+    assert row["dim"] == sum(r["dim"] for r in single["rows"])
+    assert joint["linear_probe"] is None  # a bundle reads one layer: nothing to ship from a concatenated read-out
+
+    model, tok, _ = load_model_and_tokenizer(tiny_pipeline["lvm"])
+    special = SpecialTokens(tok.vocab_size)
+    sets = [load_images(tiny_pipeline["npz"], split, size=16, channels=1) for split in ("train", "test")]
+    (f_train, f_test) = (torch.cat([extract_features(model, tok.encode(s.images), special, layer, "grid", 2)
+                                    for layer in (1, 2)], 1) for s in sets)
+    probe = LinearProbe.fit(f_train, torch.from_numpy(sets[0].labels), seed=0)
+    assert row["acc_mean"] == pytest.approx(probe.accuracy(f_test, torch.from_numpy(sets[1].labels)))
+
+
+def test_probe_concat_needs_several_layers_and_frozen_read_outs(tiny_pipeline, tmp_path):
+    common = dict(checkpoint=tiny_pipeline["lvm"], source=tiny_pipeline["npz"], out=str(tmp_path), concat=True)
+    with pytest.raises(ProbeError, match="two or more --layers"):
+        run_probe(ProbeConfig(**common, layers=[2]))
+    with pytest.raises(ProbeError, match="two or more --layers"):
+        run_probe(ProbeConfig(**common))  # the sweep picks one layer: nothing to concatenate
+    with pytest.raises(ProbeError, match="fine-tuning"):
+        run_probe(ProbeConfig(**common, layers=[1, 2], methods=["linear", "finetune"]))
