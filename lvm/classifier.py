@@ -3,9 +3,12 @@
     pixels [N, C, H, W] in [0, 1] -> tokenizer encoder + quantizer -> ids [N, h*w] -> [BOS] ids
       -> LVM cut at the chosen layer -> token states [N, T, D] -> head -> probabilities [N, K]
 
+(a bundle that reads several layers, ``readout_layers``, takes their states side by side: [N, T, D x layers]).
+
 A bundle is a folder of safetensors + JSON (loading never unpickles code), written atomically:
 
-    bundle.json   classes, method, layer, preprocessing, validation metrics and the parts' fingerprints
+    bundle.json   classes, method, layer, readout_layers, preprocessing, validation metrics and the parts'
+                  fingerprints
     tokenizer/    Tokenizer.save_pretrained (weights + config)
     lvm/          LVM.save_pretrained of the model truncated at ``layer`` (``n_layer = layer``)
     head/         head.safetensors + head.json: ``linear`` (pooled states, standardised, one matmul) or
@@ -43,10 +46,12 @@ from tokenizer.model import Tokenizer
 
 BUNDLE_FILE = "bundle.json"
 HEAD_WEIGHTS, HEAD_CONFIG = "head.safetensors", "head.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this toolkit reads; 2: several read-out layers (single-layer bundles still write 1)
 HEAD_KINDS = ("linear", "attentive")
 # bundle.json entries save_pretrained computes itself; the rest of ``Classifier.info`` (metrics, training) is kept
-COMPUTED_KEYS = ("format_version", "classes", "method", "layer", "preprocessing", "fingerprints", "bundle_id")
+COMPUTED_KEYS = ("format_version", "classes", "method", "layer", "readout_layers", "preprocessing", "fingerprints",
+                 "bundle_id")
+NOT_INFO = ("classes", "layer", "readout_layers")  # bundle.json entries the Classifier holds as attributes
 # 8-bit modes that convert to grey or RGB without loss of meaning; 16-bit, 32-bit int and float images
 # would be clipped to 8 bits silently, so they are refused with the fix instead.
 ACCEPTED_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
@@ -71,15 +76,19 @@ class ImageTooLarge(UnsupportedImage):
 class Classifier(nn.Module):
     """Tokenizer + LVM truncated at ``layer`` + head, as one module from pixels to probabilities.
 
+    ``readout``: the layers whose states the head reads side by side (``lvm probe --layers 4 5 6 --concat``);
+    default the last one. The LVM is cut at the highest of them.
+
     ``forward`` is the graph that is exported and served; ``predict`` and ``embed`` take what users
     have (uint8 arrays ``[N, H, W, C]``, PIL images or paths) and preprocess them the way
     ``tokenizer.images.load_images`` prepared the training images.
     """
 
     def __init__(self, tokenizer: Tokenizer, lvm: LVM, head: nn.Module, classes: Sequence[str],
-                 info: dict | None = None, precision: str = "fp32") -> None:
+                 info: dict | None = None, precision: str = "fp32", readout: Sequence[int] | None = None) -> None:
         super().__init__()
         self.tokenizer, self.lvm, self.head = tokenizer.eval(), lvm.eval(), head.eval()
+        self.readout = tuple(int(layer) for layer in readout) if readout else (lvm.config.n_layer,)
         self.classes = [str(c) for c in classes]
         self.special = SpecialTokens(tokenizer.vocab_size)
         self.info = dict(info or {})
@@ -115,9 +124,11 @@ class Classifier(nn.Module):
         return self.tokenizer.encode_pixels(pixels).flatten(1)  # [N, h, w] -> [N, h*w]
 
     def token_states(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The truncated LVM's last-layer states at the image tokens, ``[N, T, D]`` (the probes' features)."""
+        """The read-out layers' states at the image tokens, ``[N, T, D]`` per layer side by side (the probes'
+        features; one layer: the truncated LVM's last)."""
         rows = image_rows(self.token_ids(pixels), self.special)  # [N, 1 + T]
-        return self.lvm.hidden_states(rows, layers=[self.layer])[0][:, 1:]
+        states = self.lvm.hidden_states(rows, layers=list(self.readout))
+        return (states[0] if len(states) == 1 else torch.cat(states, dim=-1))[:, 1:]
 
     def pooled(self, pixels: torch.Tensor) -> torch.Tensor:
         """What the head's last linear layer reads: ``[N, F]`` (linear: pooled states; attentive: attention pool)."""
@@ -175,10 +186,11 @@ class Classifier(nn.Module):
 
         fingerprints = self.fingerprints()
         meta = {
-            "format_version": FORMAT_VERSION,
+            "format_version": 2 if len(self.readout) > 1 else 1,  # an older toolkit refuses it instead of misreading
             "classes": self.classes,
             "method": self.info.get("method", "linear"),
             "layer": self.layer,
+            "readout_layers": list(self.readout),
             "preprocessing": {
                 "image_size": self.image_size, "channels": self.channels,
                 "resize": "shorter side to image_size (bicubic), then centre crop; grey = PIL 'L', colour = 'RGB'",
@@ -199,7 +211,7 @@ class Classifier(nn.Module):
             (tmp / BUNDLE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
             for path in tmp.rglob("*"):  # safetensors writes 0600; a bundle is read by whoever serves it
                 path.chmod(0o755 if path.is_dir() else 0o644)
-        self.info = {k: v for k, v in meta.items() if k not in ("classes", "layer")}
+        self.info = {k: v for k, v in meta.items() if k not in NOT_INFO}
         self.path = Path(directory)
         return self.path
 
@@ -214,8 +226,12 @@ class Classifier(nn.Module):
         except (FileNotFoundError, ValueError) as err:
             raise BundleError(f"{directory / 'lvm'}: {err} Rebuild the bundle with 'lvm classifier-train'.") from None
         head = load_head(directory / "head")
-        info = {k: v for k, v in meta.items() if k not in ("classes", "layer")}
-        clf = cls(tokenizer, lvm, head, meta["classes"], info, precision)
+        info = {k: v for k, v in meta.items() if k not in NOT_INFO}
+        readout = meta.get("readout_layers")
+        if readout is not None and (not isinstance(readout, list) or not all(isinstance(x, int) for x in readout)):
+            raise BundleError(f"{directory / BUNDLE_FILE}: readout_layers {readout!r} is not a list of layer numbers; "
+                              "rebuild the bundle with 'lvm classifier-train'.")
+        clf = cls(tokenizer, lvm, head, meta["classes"], info, precision, readout)
         expected = meta.get("fingerprints", {})
         actual = clf.fingerprints()
         for part in ("tokenizer", "lvm", "head"):
@@ -439,9 +455,15 @@ def _check_parts(clf: Classifier) -> None:
     if config.get("pixels") and tuple(config["pixels"]) != (clf.channels, clf.image_size):
         raise BundleMismatch(f"the head appends pixels of {config['pixels'][0]} channel(s) at {config['pixels'][1]} px "
                              f"but the tokenizer reads {clf.channels} at {clf.image_size} px.")
-    if config["dim"] != clf.lvm.config.d_model or config["classes"] != len(clf.classes):
-        raise BundleMismatch(f"the head reads width {config['dim']} into {config['classes']} classes but the LVM has "
-                             f"width {clf.lvm.config.d_model} and the bundle names {len(clf.classes)} classes.")
+    n = clf.lvm.config.n_layer
+    if list(clf.readout) != sorted(set(clf.readout)) or clf.readout[0] < 1 or clf.readout[-1] != n:
+        raise BundleMismatch(f"read-out layers {list(clf.readout)} must be distinct, increasing, >= 1 and end at the "
+                             f"LVM's last layer ({n}: it is cut at the highest one read).")
+    width = clf.lvm.config.d_model * len(clf.readout)
+    if config["dim"] != width or config["classes"] != len(clf.classes):
+        raise BundleMismatch(f"the head reads width {config['dim']} into {config['classes']} classes but the LVM's "
+                             f"read-out layers {list(clf.readout)} give width {width} and the bundle names "
+                             f"{len(clf.classes)} classes.")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ pass. No test image is read. The bundle format itself lives in ``lvm.classifier`
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -17,8 +17,8 @@ import torch
 from lvm.checkpoint import load_model_and_tokenizer
 from lvm.classifier import Classifier, LinearHead, head_config, truncate_lvm
 from lvm.data import SpecialTokens
-from lvm.probe import (LINEAR_VAL_FRACTION, METHODS, POOLS, LinearProbe, ProbeConfig, ProbeError, extract_features,
-                       pick_layer, pixel_features, refits_head)
+from lvm.probe import (LINEAR_VAL_FRACTION, METHODS, POOLS, LinearProbe, ProbeConfig, ProbeError, pick_layer,
+                       pixel_features, readout_features, readout_name, refits_head)
 from lvm.runtime import check_precision
 from tokenizer.images import ImageSet, load_images
 
@@ -37,6 +37,7 @@ class ClassifierTrainConfig:
     test_source: str = ""  # a separate test source: then all of --source is train
     method: str = "linear"  # linear, attentive, finetune
     layer: int = 0  # LVM layer the head reads; 0 -> chosen on train images like lvm probe
+    layers: list[int] = field(default_factory=list)  # linear/attentive: these layers side by side instead (--concat's)
     pool: str = _PROBE.pool  # linear head: mean, grid or tokens pooling of the layer's token states
     grid: int = _PROBE.grid  # pool=grid: token states average-pooled to grid x grid
     pixels: bool = False  # linear head: the raw pixels appended to the LVM's features (lvm probe --pixels on)
@@ -68,6 +69,11 @@ class ClassifierTrainConfig:
             raise ProbeError(f"--pixels is a linear head's read-out; --method {self.method} reads token states only.")
         if self.layer < 0:
             raise ProbeError(f"--layer {self.layer} must be >= 1, or 0 to choose it on train images.")
+        if self.layers and (self.layer or min(self.layers) < 1 or len(set(self.layers)) != len(self.layers)):
+            raise ProbeError(f"--layers {self.layers}: distinct layers >= 1, and not together with --layer.")
+        if len(self.layers) > 1 and self.method == "finetune":
+            raise ProbeError("--layers reads several frozen layers (linear, attentive); fine-tuning trains up to one "
+                             "--layer.")
         if not 0 < self.test_fraction < 1:
             raise ProbeError(f"--test-fraction {self.test_fraction} must lie in (0, 1).")
         if self.finetune_init not in ("attentive", "probe"):
@@ -88,12 +94,13 @@ def classifier_train(cfg: ClassifierTrainConfig) -> dict:
     labels = train_set.labels
     probe_cfg = _probe_config(cfg)
     sweep = None
-    layer = cfg.layer
-    if not layer:
+    readout = sorted(cfg.layers) or [cfg.layer]
+    if not readout[0]:
         print(f"classifier-train: choosing the layer on {min(cfg.sweep_images, len(ids))} train images", flush=True)
-        layer, sweep = pick_layer(model, ids, labels, special, probe_cfg)
-    elif layer > model.config.n_layer:
-        raise ProbeError(f"--layer {layer} is out of range; {ckpt} has layers 1..{model.config.n_layer}.")
+        readout[0], sweep = pick_layer(model, ids, labels, special, probe_cfg)
+    elif readout[-1] > model.config.n_layer:
+        raise ProbeError(f"layer {readout[-1]} is out of range; {ckpt} has layers 1..{model.config.n_layer}.")
+    layer = readout[0] if len(readout) == 1 else readout
     classes = train_set.class_names or [str(c) for c in range(int(labels.max()) + 1)]
 
     views = None
@@ -111,7 +118,8 @@ def classifier_train(cfg: ClassifierTrainConfig) -> dict:
         "training": {"checkpoint": str(ckpt), "source": train_set.source, "split": cfg.split,
                      "config": asdict(cfg), "seconds": round(time.time() - t0, 1)},
     }
-    clf = Classifier(tok, truncate_lvm(lvm, layer), head, classes[: head_config(head)["classes"]], info)
+    clf = Classifier(tok, truncate_lvm(lvm, readout[-1]), head, classes[: head_config(head)["classes"]], info,
+                     readout=readout)
     clf.save_pretrained(cfg.out)
     return {"out": cfg.out, "method": cfg.method, "layer": layer, "classes": clf.classes,
             "val_accuracy": metrics["val_accuracy"], "train_images": len(labels),
@@ -128,20 +136,23 @@ def build_classifier(checkpoint: str, source: str, method: str = "linear", out: 
                                                   out=str(out), layer=layer or 0, **options))
 
 
-def bundle_from_probe(checkpoint: str, probe: LinearProbe, layer: int, out: str, classes: list[str] | None = None,
+def bundle_from_probe(checkpoint: str, probe: LinearProbe, layer: int | list[int], out: str,
+                      classes: list[str] | None = None,
                       pool: str = _PROBE.pool, grid: int = _PROBE.grid, metrics: dict | None = None,
                       tokenizer: str = "", training: dict | None = None, pixels: bool = False) -> dict:
     """Write a linear bundle around a ``LinearProbe`` already fitted on the ``pool``ed layer-``layer`` features
-    of ``checkpoint`` (as ``lvm probe`` fits at 100 % labels), followed by the raw pixels where ``pixels``
+    of ``checkpoint`` (a list: those layers' side by side, ``lvm probe --concat``; as ``lvm probe`` fits at 100 %
+    labels), followed by the raw pixels where ``pixels``
     (``lvm probe --pixels``): nothing is refitted, so it costs seconds. ``metrics`` and ``training`` (what it was
     fitted on) are recorded in bundle.json as given."""
     model, tok, ckpt = load_model_and_tokenizer(checkpoint, tokenizer)
-    head = LinearHead.from_probe(probe, pool, grid, tok.grid, model.config.d_model,
+    readout = [layer] if isinstance(layer, int) else sorted(layer)
+    head = LinearHead.from_probe(probe, pool, grid, tok.grid, model.config.d_model * len(readout),
                                  (tok.config.channels, tok.config.image_size) if pixels else None)
     classes = classes or [str(c) for c in range(probe.weight.shape[0])]
     info = {"method": "linear", "metrics": metrics or {},
             "training": {"checkpoint": str(ckpt), "l2": probe.l2, **(training or {})}}
-    clf = Classifier(tok, truncate_lvm(model, layer), head, classes, info)
+    clf = Classifier(tok, truncate_lvm(model, readout[-1]), head, classes, info, readout=readout)
     clf.save_pretrained(out)
     return {"out": str(out), "method": "linear", "layer": layer, "classes": clf.classes}
 
@@ -161,23 +172,24 @@ def fit_linear(features: torch.Tensor, labels: torch.Tensor, classes: int | None
 
 
 def _fit_head(cfg: ClassifierTrainConfig, model, ids: torch.Tensor, labels: np.ndarray, special: SpecialTokens,
-              layer: int, classes: int, views: torch.Tensor | None = None, pixels: torch.Tensor | None = None,
+              layer: int | list[int], classes: int, views: torch.Tensor | None = None,
+              pixels: torch.Tensor | None = None,
               image: tuple[int, int] = (1, 28)):
     """``(LVM the head reads, head, validation metrics)`` for the configured method; ``views``: ids ``[V, N, T]``
     of augmented images, fine-tuning's augmentation; ``pixels``: ``pixel_features`` the linear head appends,
-    of images of ``image`` = (channels, side)."""
+    of images of ``image`` = (channels, side); ``layer`` a list: those layers' states side by side."""
     from lvm.attentive import HeadTrainConfig, fine_tune, fit_attentive
 
     y = torch.from_numpy(labels)
     hw = tuple(ids.shape[1:])
-    print(f"classifier-train: fitting the {cfg.method} head on layer {layer}", flush=True)
+    width = model.config.d_model * (1 if isinstance(layer, int) else len(layer))
+    print(f"classifier-train: fitting the {cfg.method} head on {readout_name(layer)}", flush=True)
     if cfg.method == "linear":
-        feats = extract_features(model, ids, special, layer, cfg.pool, cfg.grid, cfg.batch_size, cfg.precision)
+        feats = readout_features(model, ids, special, layer, cfg.pool, cfg.grid, cfg.batch_size, cfg.precision)
         if pixels is not None:
             feats = torch.cat([feats, pixels], dim=1)
         probe, metrics = fit_linear(feats, y, classes, cfg.seed)
-        head = LinearHead.from_probe(probe, cfg.pool, cfg.grid, hw, model.config.d_model,
-                                     image if pixels is not None else None)
+        head = LinearHead.from_probe(probe, cfg.pool, cfg.grid, hw, width, image if pixels is not None else None)
         return model, head, metrics
     attentive = cfg.method == "attentive"
     train_cfg = HeadTrainConfig(epochs=cfg.head_epochs if attentive else cfg.finetune_epochs,
@@ -187,8 +199,8 @@ def _fit_head(cfg: ClassifierTrainConfig, model, ids: torch.Tensor, labels: np.n
     n_val = max(1, int(round(len(y) * train_cfg.val_fraction))) if len(y) >= 10 else 0
     refit = not attentive and refits_head(cfg)
     if attentive:
-        tokens = extract_features(model, ids, special, layer, "tokens", batch_size=cfg.batch_size,
-                                  precision=cfg.precision)  # [N, T, D]
+        tokens = readout_features(model, ids, special, layer, "tokens", batch_size=cfg.batch_size,
+                                  precision=cfg.precision)  # [N, T, D x layers]
         head, val = fit_attentive(tokens, y, train_cfg)
         lvm = model
     else:

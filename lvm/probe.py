@@ -110,9 +110,8 @@ def run_probe(cfg: ProbeConfig) -> dict:
     Besides the paths and rows it returns (not in probe.json) ``linear_probe``: the ``LinearProbe`` fitted at
     100 % labels on the first probed layer of the checkpoint, with that ``layer``, its ``features`` row name,
     the ``classes`` and ``pixels`` ((channels, side) where it reads the pixels too, else None), so that a caller
-    can ship it as a classifier (``lvm.classifier_train.bundle_from_probe``) without fitting it again; ``None``
-    where no linear probe ran at 100 % or the layers were read as one (``concat``: a bundle reads one layer;
-    ``layer`` is then the list)."""
+    can ship it as a classifier (``lvm.classifier_train.bundle_from_probe``) without fitting it again (``None``
+    where no linear probe ran at 100 %); with ``concat`` ``layer`` is the list of layers it reads."""
     _check_config(cfg)
     model, tok, ckpt = load_model_and_tokenizer(cfg.checkpoint, cfg.tokenizer)
     train_set, test_set = _labelled_sets(cfg, tok)
@@ -134,7 +133,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
             label = f"{name} ({readout_name(readout)})"
             first = first or (label, readout)
             results["rows"] += _probe_layer(label, m, readout, task, cfg, results["seconds_by_stage"],
-                                            keep=kept if (label, readout) == first and not cfg.concat else None)
+                                            keep=kept if (label, readout) == first else None)
     if cfg.baselines:  # raw pixels, linear probe
         results["rows"] += label_efficiency("raw pixels", pixel_features(train_set), train_set.labels,
                                             pixel_features(test_set), test_set.labels, cfg.fractions, cfg.seeds,

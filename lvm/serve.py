@@ -3,7 +3,7 @@
     POST /predict   images as multipart files (any field name) or JSON {"images": ["<base64>", ...]}
                     -> {"predictions": [{"label", "probability", "probabilities": [K, in /info's class order]}]}
     GET  /health    -> {"status": "ok", ...}
-    GET  /info      -> model, bundle id, method, layer, classes, preprocessing, limits
+    GET  /info      -> model, bundle id, method, layer, read-out layers, classes, preprocessing, limits
 
 Bad input gets a 4xx answer naming the problem, never a dead server: 400 malformed request or no
 image, 413 body / image count / image pixels over the limits, 415 content type or image mode not
@@ -84,7 +84,8 @@ def create_app(cfg: ServeConfig, classifier: Classifier | None = None):
               "max_pixels": cfg.max_pixels}
     info = {
         "model": str(clf.path or cfg.model), "bundle_id": clf.info.get("bundle_id", ""),
-        "method": clf.info.get("method", ""), "layer": clf.layer, "classes": clf.classes,
+        "method": clf.info.get("method", ""), "layer": clf.layer,
+        "readout_layers": list(clf.readout), "classes": clf.classes,
         "preprocessing": {"image_size": clf.image_size, "channels": clf.channels},
         "val_accuracy": clf.info.get("metrics", {}).get("val_accuracy"),
         "test_accuracy": clf.info.get("metrics", {}).get("test_accuracy"), "backend": cfg.backend, "limits": limits,

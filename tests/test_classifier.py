@@ -55,6 +55,7 @@ def test_bundle_is_json_and_safetensors(bundle):
     meta = json.loads((out / "bundle.json").read_text())
     assert meta["classes"] == CLASSES and meta["method"] == "linear"
     assert meta["layer"] == summary["layer"] in (1, 2)
+    assert meta["readout_layers"] == [meta["layer"]] and meta["format_version"] == 1  # older toolkits read it
     assert json.loads((out / "lvm" / "config.json").read_text())["n_layer"] == meta["layer"]  # truncated
     assert meta["preprocessing"]["image_size"] == 16 and meta["preprocessing"]["channels"] == 1
     assert 0.0 <= meta["metrics"]["val_accuracy"] <= 1.0
@@ -289,3 +290,47 @@ def test_unlabelled_images_are_refused(tiny_pipeline, tmp_path, capsys):
         classifier_train(ClassifierTrainConfig(checkpoint=tiny_pipeline["lvm"], source=str(tmp_path / "unlabelled.npy"),
                                                out=str(tmp_path / "b")))
     assert not (tmp_path / "b").exists()
+
+
+def test_a_bundle_reading_several_layers_predicts_what_the_probe_fits(tiny_pipeline, labelled_folder, tmp_path):
+    """--layers 1 2: the head reads both layers' pooled states side by side, in the order lvm probe --concat
+    fits them; the bundle records its read-out, runs the LVM to the highest layer and loads back the same."""
+    out = tmp_path / "l12"
+    summary = classifier_train(ClassifierTrainConfig(checkpoint=tiny_pipeline["lvm"], source=str(labelled_folder),
+                                                     layers=[2, 1], precision="fp32", out=str(out)))
+    assert summary["layer"] == [1, 2]
+    meta = json.loads((out / "bundle.json").read_text())
+    assert meta["readout_layers"] == [1, 2] and meta["layer"] == 2 and meta["format_version"] == 2
+    clf = Classifier.from_pretrained(out)
+    assert clf.readout == (1, 2) and clf.lvm.config.n_layer == 2
+
+    model, tok, _ = load_model_and_tokenizer(tiny_pipeline["lvm"])
+    train = load_images(str(labelled_folder), "train", size=16, channels=1)
+    ids, special = tok.encode(train.images), SpecialTokens(tok.vocab_size)
+    feats = torch.cat([extract_features(model, ids, special, layer, "grid", 3, precision="fp32") for layer in (1, 2)], 1)
+    probe = LinearProbe.fit(feats, torch.from_numpy(train.labels), classes=3)
+    with torch.no_grad():
+        logits = clf.head(clf.token_states(clf.preprocess(train.images)))
+    expected = ((feats - probe.mean) / probe.std) @ probe.weight.T + probe.bias
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    assert clf.embed(_files(labelled_folder, 2)).shape == (2, 2 * 64 * 9)
+
+
+def test_several_read_out_layers_are_checked(tiny_pipeline, labelled_folder, tmp_path):
+    common = dict(checkpoint=tiny_pipeline["lvm"], source=str(labelled_folder), out=str(tmp_path / "b"))
+    with pytest.raises(ProbeError, match="not together with --layer"):
+        ClassifierTrainConfig(**common, layer=1, layers=[1, 2])
+    with pytest.raises(ProbeError, match="fine-tuning"):
+        ClassifierTrainConfig(**common, layers=[1, 2], method="finetune")
+    with pytest.raises(ProbeError, match="out of range"):
+        classifier_train(ClassifierTrainConfig(**common, layers=[1, 3]))
+    # an attentive head reads the layers side by side too
+    classifier_train(ClassifierTrainConfig(**{**common, "out": str(tmp_path / "att")}, layers=[1, 2],
+                                           method="attentive", head_max_steps=5))
+    att = Classifier.from_pretrained(tmp_path / "att")
+    assert att.readout == (1, 2) and att.predict(_files(labelled_folder, 3))[1].shape == (3, 3)
+    # a bundle.json whose read-out does not fit its head is refused with the fix
+    meta = json.loads((tmp_path / "att" / "bundle.json").read_text())
+    (tmp_path / "att" / "bundle.json").write_text(json.dumps({**meta, "readout_layers": [2]}))
+    with pytest.raises(BundleMismatch, match="read-out layers"):
+        Classifier.from_pretrained(tmp_path / "att")

@@ -119,3 +119,15 @@ def test_onnx_parity_holds_for_a_head_that_appends_the_pixels(tiny_pipeline, tmp
     assert clf.head.pixels == (1, 16)
     parity = compare_with_torch(clf, OnnxClassifier(export_onnx(clf, tmp_path / "px.onnx")), _generated_images(64))
     assert parity["top1_agreement"] == 1.0 and parity["max_abs_prob_diff"] <= 1e-4
+
+
+def test_onnx_parity_holds_for_a_bundle_reading_several_layers(tiny_pipeline, tmp_path):
+    classifier_train(ClassifierTrainConfig(checkpoint=tiny_pipeline["lvm"], source=tiny_pipeline["npz"], layers=[1, 2],
+                                           out=str(tmp_path / "l12")))
+    clf = Classifier.from_pretrained(tmp_path / "l12")
+    assert clf.readout == (1, 2)
+    model = OnnxClassifier(export_onnx(clf, tmp_path / "l12.onnx"))
+    parity = compare_with_torch(clf, model, _generated_images(64))
+    assert parity["top1_agreement"] == 1.0 and parity["max_abs_prob_diff"] <= 1e-4
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "l12.onnx")).metadata_props}
+    assert json.loads(props["readout_layers"]) == [1, 2] and props["layer"] == "2"

@@ -262,7 +262,6 @@ def test_probe_concat_reads_the_listed_layers_as_one_feature(tiny_pipeline, tmp_
     (row,) = joint["rows"]
     assert row["features"] == "lvm (layers 1+2)" and joint["layer"] == [1, 2]
     assert row["dim"] == sum(r["dim"] for r in single["rows"])
-    assert joint["linear_probe"] is None  # a bundle reads one layer: nothing to ship from a concatenated read-out
 
     model, tok, _ = load_model_and_tokenizer(tiny_pipeline["lvm"])
     special = SpecialTokens(tok.vocab_size)
@@ -271,6 +270,21 @@ def test_probe_concat_reads_the_listed_layers_as_one_feature(tiny_pipeline, tmp_
                                     for layer in (1, 2)], 1) for s in sets)
     probe = LinearProbe.fit(f_train, torch.from_numpy(sets[0].labels), seed=0)
     assert row["acc_mean"] == pytest.approx(probe.accuracy(f_test, torch.from_numpy(sets[1].labels)))
+
+    # the probe handed back ships as a bundle that reads both layers and scores the row's accuracy on the test images
+    from lvm.classifier import Classifier
+    from lvm.classifier_train import bundle_from_probe
+
+    bundle_from_probe(tiny_pipeline["lvm"], joint["linear_probe"], joint["layer"], str(tmp_path / "bundle"),
+                      pool="grid", grid=2)
+    clf = Classifier.from_pretrained(tmp_path / "bundle")
+    assert clf.readout == (1, 2) and clf.layer == 2
+    meta = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
+    assert meta["readout_layers"] == [1, 2] and meta["format_version"] == 2
+    labels, _ = clf.predict(sets[1].images)
+    # the bundle runs fp32, the probe's features the machine's default precision (bf16 on AMX): one image may differ
+    right = np.mean(np.array(labels) == sets[1].labels.astype(str))
+    assert right == pytest.approx(row["acc_mean"], abs=1.01 / len(labels))
 
 
 def test_probe_concat_needs_several_layers_and_frozen_read_outs(tiny_pipeline, tmp_path):
