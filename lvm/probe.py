@@ -126,7 +126,8 @@ def run_probe(cfg: ProbeConfig) -> dict:
     for name, m in _models_to_probe(cfg, model, tok, ckpt).items():
         sweep: dict[int, torch.Tensor] = {}  # the chosen layer's features on the sweep's images
         layers = cfg.layers or [_choose_layer(name, m, task, cfg, results, sweep)]
-        readouts: list[int | list[int]] = [list(dict.fromkeys(layers))] if cfg.concat else list(layers)
+        # concat: in increasing order, as a bundle reads them (lvm.classifier: the LVM's states side by side)
+        readouts: list[int | list[int]] = [sorted(set(layers))] if cfg.concat else list(layers)
         if first is None and cfg.pixels == "auto":  # decided once, on the checkpoint; every model is read alike
             _decide_pixels(m, readouts[0], task, cfg, results, sweep.get(readouts[0]) if not cfg.concat else None)
         for readout in readouts:

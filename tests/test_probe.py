@@ -258,7 +258,7 @@ def test_probe_concat_reads_the_listed_layers_as_one_feature(tiny_pipeline, tmp_
     common = dict(checkpoint=tiny_pipeline["lvm"], source=tiny_pipeline["npz"], fractions=[1.0], seeds=1,
                   baselines=False, pool="grid", grid=2)
     single = run_probe(ProbeConfig(**common, layers=[1, 2], out=str(tmp_path / "single")))
-    joint = run_probe(ProbeConfig(**common, layers=[1, 2], concat=True, out=str(tmp_path / "joint")))
+    joint = run_probe(ProbeConfig(**common, layers=[2, 1], concat=True, out=str(tmp_path / "joint")))  # any order
     (row,) = joint["rows"]
     assert row["features"] == "lvm (layers 1+2)" and joint["layer"] == [1, 2]
     assert row["dim"] == sum(r["dim"] for r in single["rows"])
