@@ -165,6 +165,13 @@ LEVERS: dict[str, dict] = {
                   "probe_protocol": TARGET4_PROTOCOL,
                   "why": "amx_default13's recipe with FSQ levels 7,5,5,5,5 (4,375 codes instead of 1,000; its own "
                          "tokenizer and shards) and 1,672 LVM steps of 8 rows (1,923 / 1.15); its own layer sweep"},
+    # every shape and size tried left the gap to the twin at -0.4 to -0.9 point: the objective. A prefix LM (AIM's
+    # prefix attention) whose features are read bidirectionally, on the default's tokenizer, shards and step count
+    "amx_prefix": {"base": "amx_default13", "lvm_steps": AMX_DEFAULT13_STEPS,
+                   "train": ["--batch-size", "8", "--compile", "--prefix-lm"], "probe_protocol": TARGET4_PROTOCOL,
+                   "why": "amx_default13's tokenizer, shards and 1,923 LVM steps of 8 rows, pretrained as a prefix LM "
+                          "(a uniform leading part of each sentence attends both ways and carries no loss) and read "
+                          "with bidirectional attention; its own layer sweep"},
     # beyond equal compute: the grid that won, given the steps that won (its tokenizer and shards, 3x its steps)
     "grid14_x3": {"base": "grid14", "lvm_steps": 3 * 120, "probe": ["--layers", "6"],
                   "why": "grid14 with 3x its LVM steps (3x the baseline's compute; its tokenizer and shards; "

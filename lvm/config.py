@@ -37,6 +37,9 @@ class LVMConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
+    # pretrained as a prefix LM (AIM's prefix attention: a random leading part of each sentence attends both ways,
+    # the loss is on the rest), so features are read with bidirectional attention over the whole image
+    prefix_lm: bool = False
 
     def __post_init__(self) -> None:
         if self.d_ff is None:

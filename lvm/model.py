@@ -69,7 +69,8 @@ class LVM(nn.Module):
     # ---- training / scoring -------------------------------------------------------------------
 
     def forward(
-        self, ids: torch.Tensor, targets: torch.Tensor | None = None, segment_len: int | None = None
+        self, ids: torch.Tensor, targets: torch.Tensor | None = None, segment_len: int | None = None,
+        prefix_len: torch.Tensor | None = None,
     ) -> LVMOutput:
         """Next-token loss (mean over targets != -100) when ``targets`` [B, T] is given, else logits [B, T, V].
 
@@ -77,14 +78,20 @@ class LVM(nn.Module):
         block attends only to itself, as if every sentence were its own row; with RoPE this is
         exactly what a lone sentence at position 0 sees (at probe and generation time), and
         attention costs T*L instead of T^2/2.
+
+        ``prefix_len`` ``long [B, S]`` (prefix-LM pretraining, with ``segment_len``; S sentences a row): the first
+        ``prefix_len[b, s]`` tokens of sentence s attend to each other both ways, the rest causally. The caller
+        masks the targets inside a prefix (``prefix_targets``): those tokens are visible there.
         """
         self._check_ids(ids)
         if segment_len is not None and segment_len < 1:
             raise ValueError(f"segment_len={segment_len} must be >= 1 (or None for attention over the whole row).")
+        if prefix_len is not None and segment_len is None:
+            raise ValueError("prefix_len gives one prefix per packed sentence; pass segment_len too.")
         x = self.drop(self.tok_emb(ids))  # [B, T, D]
         cos, sin = self._rope(0, ids.shape[1], ids.device)
         for block in self.blocks:
-            x = block(x, cos, sin, segment_len=segment_len)
+            x = block(x, cos, sin, segment_len=segment_len, prefix_len=prefix_len)
         h = self.norm_f(x)  # [B, T, D]
         if targets is not None:
             if targets.shape != ids.shape:
@@ -96,9 +103,13 @@ class LVM(nn.Module):
         return LVMOutput(logits=self.head(h).float())
 
     def hidden_states(
-        self, ids: torch.Tensor, layers: Sequence[int] | None = None, final_norm: bool = False
+        self, ids: torch.Tensor, layers: Sequence[int] | None = None, final_norm: bool = False,
+        bidirectional: bool | None = None,
     ) -> list[torch.Tensor]:
         """Residual stream [B, T, D] per layer for probes.
+
+        ``bidirectional`` (default: ``config.prefix_lm``): every token attends to the whole row, as a prefix LM's
+        prefix does; a causal LM's states are read causally, as it was trained.
 
         Index 0 is the token embedding, index i (1..n_layer) the output of block i. With
         ``final_norm=True`` one more entry, index n_layer + 1, holds the final RMSNorm output
@@ -121,10 +132,11 @@ class LVM(nn.Module):
                     )
                 wanted.append(i % count)
         deepest = max(wanted, default=0)
+        both_ways = self.config.prefix_lm if bidirectional is None else bidirectional
         states = [self.drop(self.tok_emb(ids))]  # [B, T, D]
         cos, sin = self._rope(0, ids.shape[1], ids.device)
         for block in self.blocks[: min(deepest, self.config.n_layer)]:
-            states.append(block(states[-1], cos, sin))
+            states.append(block(states[-1], cos, sin, bidirectional=both_ways))
         if deepest == self.config.n_layer + 1:
             states.append(self.norm_f(states[-1]))
         return [states[i] for i in wanted]
@@ -315,13 +327,16 @@ class Block(nn.Module):
         cache: "KVCache | None" = None,
         layer: int = 0,
         segment_len: int | None = None,
+        prefix_len: torch.Tensor | None = None,
+        bidirectional: bool = False,
     ) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm_attn(x), cos, sin, cache, layer, segment_len))
+        x = x + self.drop(self.attn(self.norm_attn(x), cos, sin, cache, layer, segment_len, prefix_len, bidirectional))
         return x + self.drop(self.mlp(self.norm_mlp(x)))
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention with rotary positions on q and k."""
+    """Causal multi-head self-attention with rotary positions on q and k (bidirectional over a prefix LM's
+    prefix, or over the whole row for a prefix LM's features)."""
 
     def __init__(self, config: LVMConfig) -> None:
         super().__init__()
@@ -337,11 +352,17 @@ class Attention(nn.Module):
         cache: "KVCache | None" = None,
         layer: int = 0,
         segment_len: int | None = None,
+        prefix_len: torch.Tensor | None = None,
+        bidirectional: bool = False,
     ) -> torch.Tensor:
         qkv = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)
         q, k = apply_rope(qkv[:2], cos, sin)  # q and k rotated in one go: [B, H, T, Dh] each
         v = qkv[2]
-        if segment_len is not None and cache is None and q.shape[2] > segment_len:
+        if prefix_len is not None:
+            y = prefix_attention(q, k, v, segment_len, prefix_len)
+        elif bidirectional and cache is None:
+            y = flash_attention(q, k, v, causal=False)
+        elif segment_len is not None and cache is None and q.shape[2] > segment_len:
             y = segment_attention(q, k, v, segment_len)
         elif cache is None or cache.length == 0:
             if cache is not None:
@@ -399,6 +420,41 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
         segment_ids = (torch.arange(t, device=q.device) // segment_len).expand(q.shape[0], t)  # [B, T]
         return flash_attention(q, k, v, causal=True, segment_ids=segment_ids)
     return segment_attention_as_rows(q, k, v, segment_len)
+
+
+def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_len: int,
+                     prefix_len: torch.Tensor) -> torch.Tensor:
+    """Prefix-LM attention inside consecutive sentences of ``segment_len`` tokens of q, k, v [B, H, T, Dh]:
+    query i of sentence s sees key j of it where j <= i, or where both lie in its first ``prefix_len[b, s]``
+    tokens. Sentences become batch rows (as ``segment_attention_as_rows``) under SDPA with a boolean mask:
+    pretraining only, so the torch path serves every device (the Triton kernel has no prefix mask)."""
+    b, t = q.shape[0], q.shape[2]
+    pad = -t % segment_len
+    if pad:  # padded keys sit after every real query of the last sentence; the causal part hides them
+        q, k, v = (F.pad(z, (0, 0, 0, pad)) for z in (q, k, v))
+    q, k, v = (rearrange(z, "b h (s l) d -> (b s) h l d", l=segment_len) for z in (q, k, v))
+    if prefix_len.shape != (b, q.shape[0] // b):
+        raise ValueError(f"prefix_len has shape {tuple(prefix_len.shape)}; one per sentence is "
+                         f"{(b, q.shape[0] // b)} (rows, sentences a row).")
+    pos = torch.arange(segment_len, device=q.device)
+    prefix = pos < prefix_len.reshape(-1, 1, 1).to(q.device)  # [B*S, 1, L]: key j inside its sentence's prefix
+    if pad:  # a prefix longer than a cut last sentence must not reach its padding
+        real = (torch.arange(q.shape[0] // b * segment_len, device=q.device) < t).reshape(-1, segment_len)  # [S, L]
+        prefix = prefix & real.repeat(b, 1)[:, None]
+    mask = (pos[None, :] <= pos[:, None]) | (prefix & prefix.transpose(1, 2))  # [B*S, L, L]
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+    y = rearrange(y, "(b s) h l d -> b h (s l) d", b=b)
+    return y[:, :, :t]
+
+
+def prefix_targets(targets: torch.Tensor, segment_len: int, prefix_len: torch.Tensor) -> torch.Tensor:
+    """``targets`` [B, T] with those a prefix already shows set to the ignore index: position i of a sentence
+    predicts its token i + 1, which its prefix lets it see while i + 1 < prefix_len."""
+    t = targets.shape[1]
+    pos = torch.arange(t, device=targets.device) % segment_len  # position inside its sentence
+    sentence = torch.arange(t, device=targets.device) // segment_len
+    limit = prefix_len.to(targets.device)[:, sentence]  # [B, T]: the prefix length of each position's sentence
+    return targets.masked_fill(pos[None, :] + 1 < limit, IGNORE_INDEX)
 
 
 def segment_attention_as_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_len: int) -> torch.Tensor:

@@ -30,7 +30,7 @@ from kernels.dispatch import BACKENDS
 from lvm.checkpoint import DATA_FILE, require_same_tokenizer
 from lvm.config import LVMConfig
 from lvm.data import DataError, PackedBatches, VisualSentences, eval_batches
-from lvm.model import LVM
+from lvm.model import LVM, prefix_targets
 from lvm.runtime import (
     LATEST, Checkpointer, ConfigError, MetricsLog, StepBudget, check_precision, mixed_precision, pick_device, set_lr,
     warmup_cosine,
@@ -76,6 +76,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     precision: str = "auto"  # auto (bf16 autocast on CUDA and on CPUs with AMX, else fp32), bf16, fp32
     sentence_attention: bool = True  # each packed sentence attends only to itself; False: to the whole row
+    prefix_lm: bool = False  # AIM's prefix LM: a random leading part of each sentence attends both ways, without loss
     fsdp: bool = False  # under torchrun: shard weights, grads and optimizer state (FSDP2) instead of DDP
     kernels: str = "auto"  # auto, torch, triton (sets LVM_KERNELS for this process)
     threads: int = 0  # torch CPU threads; 0 -> leave torch's default
@@ -218,7 +219,8 @@ def _setup(cfg: TrainConfig) -> _Run:
     else:
         overrides = {"dropout": cfg.dropout, **({"max_seq_len": cfg.context_len} if cfg.context_len else {}),
                      **{k: v for k in ("n_layer", "n_head", "d_model") if (v := getattr(cfg, k))}}
-        model = LVM(LVMConfig.preset(cfg.preset, vocab_size=train_set.special.vocab_size, **overrides)).to(device)
+        model = LVM(LVMConfig.preset(cfg.preset, vocab_size=train_set.special.vocab_size, prefix_lm=cfg.prefix_lm,
+                                     **overrides)).to(device)
         start, spent, planned = 0, 0.0, None
     if world > 1 and cfg.fsdp:  # FSDP2: each block is one all-gather unit; the root holds embeddings, norm, head
         from torch.distributed.fsdp import fully_shard
@@ -251,11 +253,18 @@ def _train_step(run: _Run, step: int) -> tuple[float, float]:
     cfg = run.cfg
     set_lr(run.optimizer, warmup_cosine(step, run.budget.steps, cfg.warmup_steps, cfg.min_lr_ratio))
     inputs, targets = (t.to(run.device, non_blocking=True) for t in run.packer.batch(step))
+    prefix = None
+    if run.model.config.prefix_lm:  # one prefix per sentence, drawn per step (seeded: a resumed run draws the same)
+        length, per_row = run.segment_len, run.packer.per_row
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * run.world + run.rank)
+        prefix = torch.randint(1, length - 1, (inputs.shape[0], per_row), generator=gen).to(run.device)  # [b, S]
+        targets = prefix_targets(targets, length, prefix)
     total = torch.zeros((), device=run.device)
     for micro in range(cfg.grad_accum):
         rows = slice(micro * run.micro_rows, (micro + 1) * run.micro_rows)
         with _gradient_sync(run, micro == cfg.grad_accum - 1), run.autocast:
-            loss = run.step_model(inputs[rows], targets[rows], segment_len=run.segment_len).loss / cfg.grad_accum
+            extra = {"prefix_len": prefix[rows]} if prefix is not None else {}
+            loss = run.step_model(inputs[rows], targets[rows], segment_len=run.segment_len, **extra).loss / cfg.grad_accum
         loss.backward()
         total += loss.detach()
     if run.world > 1:
@@ -393,6 +402,8 @@ def _check_config(cfg: TrainConfig, world: int) -> None:
         raise ConfigError(f"--budget-revise-until {cfg.budget_revise_until} must be in [0, 1] (0 = plan once).")
     if cfg.kernels not in BACKENDS:
         raise ConfigError(f"--kernels {cfg.kernels!r} is not one of {', '.join(BACKENDS)}.")
+    if cfg.prefix_lm and not cfg.sentence_attention:
+        raise ConfigError("--prefix-lm draws one prefix per packed sentence; it needs --sentence-attention.")
     check_precision(cfg.precision)
 
 
