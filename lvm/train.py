@@ -222,6 +222,9 @@ def _setup(cfg: TrainConfig) -> _Run:
         model = LVM(LVMConfig.preset(cfg.preset, vocab_size=train_set.special.vocab_size, prefix_lm=cfg.prefix_lm,
                                      **overrides)).to(device)
         start, spent, planned = 0, 0.0, None
+    if model.config.prefix_lm and not cfg.sentence_attention:  # e.g. resuming a prefix LM with the flag dropped
+        raise ConfigError(f"{out} holds a prefix LM, which draws one prefix per packed sentence; it needs "
+                          "--sentence-attention.")
     if world > 1 and cfg.fsdp:  # FSDP2: each block is one all-gather unit; the root holds embeddings, norm, head
         from torch.distributed.fsdp import fully_shard
 

@@ -104,3 +104,6 @@ def test_prefix_lm_training_writes_a_config_that_reads_bidirectionally(tiny_pipe
     with pytest.raises(ConfigError, match="sentence-attention"):
         train(TrainConfig(data=tiny_pipeline["shards"], out=str(tmp_path / "bad"), preset="tiny", prefix_lm=True,
                           sentence_attention=False))
+    with pytest.raises(ConfigError, match="holds a prefix LM"):  # resuming it without the sentences it needs
+        train(TrainConfig(data=tiny_pipeline["shards"], out=str(out), preset="tiny", context_len=64, steps=6,
+                          batch_size=4, eval_fraction=0.1, progress=False, sentence_attention=False))
