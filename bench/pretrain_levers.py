@@ -172,6 +172,13 @@ LEVERS: dict[str, dict] = {
                    "why": "amx_default13's tokenizer, shards and 1,923 LVM steps of 8 rows, pretrained as a prefix LM "
                           "(a uniform leading part of each sentence attends both ways and carries no loss) and read "
                           "with bidirectional attention; its own layer sweep"},
+    # its out-of-domain twin, for target 4's gap: the same recipe on ood_amx_default13's tokenizer and shards, probed
+    # at 100 % of the labels only (what the gap compares)
+    "ood_amx_prefix": {"base": "ood_amx_default13", "lvm_steps": AMX_DEFAULT13_STEPS,
+                       "train": ["--batch-size", "8", "--compile", "--prefix-lm"],
+                       "probe_protocol": ["--fractions", "1.0", "--seeds", "1"],
+                       "why": "amx_prefix's recipe on ood_amx_default13's tokenizer and shards (scikit-image crops): "
+                              "out of domain; its own layer sweep; 100 % of the labels"},
     # beyond equal compute: the grid that won, given the steps that won (its tokenizer and shards, 3x its steps)
     "grid14_x3": {"base": "grid14", "lvm_steps": 3 * 120, "probe": ["--layers", "6"],
                   "why": "grid14 with 3x its LVM steps (3x the baseline's compute; its tokenizer and shards; "
