@@ -429,10 +429,8 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_
     tokens. Sentences become batch rows (as ``segment_attention_as_rows``) under SDPA with a boolean mask:
     pretraining only, so the torch path serves every device (the Triton kernel has no prefix mask)."""
     b, t = q.shape[0], q.shape[2]
-    pad = -t % segment_len
-    if pad:  # padded keys sit after every real query of the last sentence; the causal part hides them
-        q, k, v = (F.pad(z, (0, 0, 0, pad)) for z in (q, k, v))
-    q, k, v = (rearrange(z, "b h (s l) d -> (b s) h l d", l=segment_len) for z in (q, k, v))
+    pad = -t % segment_len  # padded keys sit after every real query of the last sentence; the causal part hides them
+    q, k, v = (_sentence_rows(z, segment_len) for z in (q, k, v))
     if prefix_len.shape != (b, q.shape[0] // b):
         raise ValueError(f"prefix_len has shape {tuple(prefix_len.shape)}; one per sentence is "
                          f"{(b, q.shape[0] // b)} (rows, sentences a row).")
@@ -442,9 +440,7 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_
         real = (torch.arange(q.shape[0] // b * segment_len, device=q.device) < t).reshape(-1, segment_len)  # [S, L]
         prefix = prefix & real.repeat(b, 1)[:, None]
     mask = (pos[None, :] <= pos[:, None]) | (prefix & prefix.transpose(1, 2))  # [B*S, L, L]
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
-    y = rearrange(y, "(b s) h l d -> b h (s l) d", b=b)
-    return y[:, :, :t]
+    return _packed_rows(F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None]), b, t)
 
 
 def prefix_targets(targets: torch.Tensor, segment_len: int, prefix_len: torch.Tensor) -> torch.Tensor:
@@ -463,14 +459,21 @@ def segment_attention_as_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     A short last block is padded at its end; padded keys sit after every real query of that
     block, so the causal mask hides them.
     """
-    t = q.shape[2]
-    pad = -t % segment_len
-    if pad:
-        q, k, v = (F.pad(z, (0, 0, 0, pad)) for z in (q, k, v))
-    q, k, v = (rearrange(z, "b h (s l) d -> (b s) h l d", l=segment_len) for z in (q, k, v))
-    y = flash_attention(q, k, v, causal=True)
-    y = rearrange(y, "(b s) h l d -> b h (s l) d", b=q.shape[0] // ((t + pad) // segment_len))
-    return y[:, :, :t]
+    b, t = q.shape[0], q.shape[2]
+    q, k, v = (_sentence_rows(z, segment_len) for z in (q, k, v))
+    return _packed_rows(flash_attention(q, k, v, causal=True), b, t)
+
+
+def _sentence_rows(z: torch.Tensor, segment_len: int) -> torch.Tensor:
+    """``[B, H, T, Dh]`` -> ``[B * S, H, L, Dh]``: each block of ``segment_len`` tokens its own row, a short last
+    block padded at its end."""
+    pad = -z.shape[2] % segment_len
+    return rearrange(F.pad(z, (0, 0, 0, pad)) if pad else z, "b h (s l) d -> (b s) h l d", l=segment_len)
+
+
+def _packed_rows(y: torch.Tensor, b: int, t: int) -> torch.Tensor:
+    """``_sentence_rows`` undone: ``[B * S, H, L, Dh]`` -> ``[B, H, T, Dh]``, the padding dropped."""
+    return rearrange(y, "(b s) h l d -> b h (s l) d", b=b)[:, :, :t]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
