@@ -214,16 +214,17 @@ def main(argv=None) -> None:
                        "domain_matches_at": match}
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {match} |")
     notes = args.note or kept_notes(args.out)
+    commands = list(dict.fromkeys(args.commands))  # a re-rendered table re-passes its commands: list each once
     for note in notes:
         lines += ["", note]
-    if args.commands:
-        lines += ["", "Commands:", "", *[f"- `{c}`" for c in args.commands]]
+    if commands:
+        lines += ["", "Commands:", "", *[f"- `{c}`" for c in commands]]
     write_results(args.out, {"cpu": cpu_model(), "rows": table, "domain_best": best,
                              "inputs": {"domain": args.domain, "ood": args.ood, "finetune": args.finetune,
                                         "current": args.current, "current_ood": args.current_ood,
                                         "current_pixels": args.current_pixels,
                                         "current_ood_pixels": args.current_ood_pixels},
-                             "commands": args.commands, "notes": notes}, "\n".join(lines) + "\n")
+                             "commands": commands, "notes": notes}, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

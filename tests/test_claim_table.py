@@ -43,6 +43,19 @@ def test_a_table_made_again_without_notes_keeps_its_findings(tmp_path):
     assert "Findings: the domain LVM wins." in (tmp_path / "claim.md").read_text()
 
 
+def test_commands_passed_again_are_listed_once_in_their_first_order(tmp_path):
+    import json
+
+    from bench.claim_table import main
+
+    probe = {"rows": [{"features": "lvm (layer 5)", "method": "linear", "fraction": 1.0, "acc_mean": 0.86, "runs": 1}]}
+    (tmp_path / "d.json").write_text(json.dumps(probe))
+    main(["--domain", str(tmp_path / "d.json"), "--ood", str(tmp_path / "d.json"), "--finetune", str(tmp_path / "none"),
+          "--out", str(tmp_path / "claim"), "--commands", "lvm train", "lvm probe", "lvm train", "lvm probe --x"])
+    assert json.loads((tmp_path / "claim.json").read_text())["commands"] == ["lvm train", "lvm probe", "lvm probe --x"]
+    assert (tmp_path / "claim.md").read_text().count("- `lvm train`") == 1
+
+
 def test_finetune_rows_average_over_subsets_and_refit_rows_count_their_lpft_score():
     ft = [{"lever": "lpft", "fraction": 0.1, "test_acc": 0.80},  # subset 0 (rows from before subsets were recorded)
           {"lever": "lpft+refit", "fraction": 0.1, "subset": 1, "test_acc": 0.84, "test_acc_before_refit": 0.82},
