@@ -7,8 +7,11 @@
         --current-ood runs/pretrain-levers/ood_current/probe_full/probe.json
 
 Rows, on the same class-balanced label subsets (``lvm probe``'s seeds) and scored on the Fashion-MNIST
-test images no stage trained or chose on, in blocks of one pretraining recipe each:
+test images no stage trained or chose on, in blocks of one pretraining recipe and read-out each:
 
+- each ``--block LABEL DOMAIN OOD`` (first, in the order given): a domain LVM and its out-of-domain twin read
+  the same way (e.g. ``lvm probe --mirror``), and where they were probed with ``--pixels both`` the same two
+  with the raw pixels appended, a block of their own;
 - with ``--current``: the current default recipe's checkpoint (its quickstart), linear probe, and with
   ``--current-ood`` the same recipe and step counts pretrained on scikit-image crops, probed alike; with
   ``--current-pixels`` / ``--current-ood-pixels`` the same two checkpoints probed with the raw pixels appended
@@ -36,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lvm.probe import PIXELS_SUFFIX  # the row name of LVM features with the raw pixels appended
+from lvm.probe import MIRROR_SUFFIX, PIXELS_SUFFIX  # row-name endings: pixels appended, mirror-averaged
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -51,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "'' where none were run on --domain's checkpoint")
     p.add_argument("--domain-label", default="domain LVM (Fashion-MNIST)")
     p.add_argument("--ood-label", default="out-of-domain LVM (skimage crops)")
+    p.add_argument("--block", nargs=3, action="append", default=[], metavar=("LABEL", "DOMAIN", "OOD"),
+                   help="a block of its own above the others: probe.json of a domain LVM and of its out-of-domain "
+                        "twin read the same way, LABEL saying how (repeatable)")
     p.add_argument("--current", default="",
                    help="probe.json of a later default recipe's checkpoint: a second block of rows")
     p.add_argument("--current-ood", default="",
@@ -85,7 +91,7 @@ def curves(probe: dict, rename: dict[str, str], pixels: bool = False) -> dict[st
     for r in probe["rows"]:
         features = r["features"]
         key = next((name for prefix, name in rename.items() if features.startswith(prefix)), None)
-        if key is None or features.endswith(PIXELS_SUFFIX) != pixels:
+        if key is None or features.removesuffix(MIRROR_SUFFIX).endswith(PIXELS_SUFFIX) != pixels:
             continue
         key = f"{key}, {r['method']}" if r["method"] not in ("linear", "supervised") else key
         out.setdefault(key, {})[float(r["fraction"])] = (r["acc_mean"], r.get("acc_std", 0.0), r.get("runs", 1))
@@ -144,6 +150,12 @@ def table_rows(args: argparse.Namespace) -> dict[str, Row]:
                 raise SystemExit(f"claim_table: two rows are named {name!r}; give the blocks distinct --*-label values.")
             rows[name] = Row(curve, role, block)
 
+    for label, domain_path, ood_path in args.block:
+        for pixels, suffix in ((False, ""), (True, " + pixels")):
+            for path, name, role in ((domain_path, "domain LVM", "domain"),
+                                     (ood_path, "out-of-domain LVM (skimage crops)", "ood")):
+                add(curves(probe(path), {"lvm": f"{name}, {label}, linear{suffix}"}, pixels=pixels), role,
+                    label + suffix)
     if args.current:
         add(curves(probe(args.current), {"lvm": f"{args.current_label}, linear"}), "domain", "current")
         if args.current_ood:

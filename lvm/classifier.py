@@ -3,12 +3,13 @@
     pixels [N, C, H, W] in [0, 1] -> tokenizer encoder + quantizer -> ids [N, h*w] -> [BOS] ids
       -> LVM cut at the chosen layer -> token states [N, T, D] -> head -> probabilities [N, K]
 
-(a bundle that reads several layers, ``readout_layers``, takes their states side by side: [N, T, D x layers]).
+(a bundle that reads several layers, ``readout_layers``, takes their states side by side: [N, T, D x layers];
+a ``mirror`` bundle runs each image and its left-right mirror and returns the mean of their probabilities).
 
 A bundle is a folder of safetensors + JSON (loading never unpickles code), written atomically:
 
-    bundle.json   classes, method, layer, readout_layers, preprocessing, validation metrics and the parts'
-                  fingerprints
+    bundle.json   classes, method, layer, readout_layers, mirror, preprocessing, validation metrics and the
+                  parts' fingerprints
     tokenizer/    Tokenizer.save_pretrained (weights + config)
     lvm/          LVM.save_pretrained of the model truncated at ``layer`` (``n_layer = layer``)
     head/         head.safetensors + head.json: ``linear`` (pooled states, standardised, one matmul) or
@@ -46,12 +47,14 @@ from tokenizer.model import Tokenizer
 
 BUNDLE_FILE = "bundle.json"
 HEAD_WEIGHTS, HEAD_CONFIG = "head.safetensors", "head.json"
-FORMAT_VERSION = 2  # the newest this toolkit reads; 2: several read-out layers (single-layer bundles still write 1)
+# the newest this toolkit reads; 2: several read-out layers or mirror averaging (other bundles still write 1, so that
+# older toolkits read them; an older one refuses a 2 instead of running it without what it needs)
+FORMAT_VERSION = 2
 HEAD_KINDS = ("linear", "attentive")
 # bundle.json entries save_pretrained computes itself; the rest of ``Classifier.info`` (metrics, training) is kept
-COMPUTED_KEYS = ("format_version", "classes", "method", "layer", "readout_layers", "preprocessing", "fingerprints",
-                 "bundle_id")
-NOT_INFO = ("classes", "layer", "readout_layers")  # bundle.json entries the Classifier holds as attributes
+COMPUTED_KEYS = ("format_version", "classes", "method", "layer", "readout_layers", "mirror", "preprocessing",
+                 "fingerprints", "bundle_id")
+NOT_INFO = ("classes", "layer", "readout_layers", "mirror")  # bundle.json entries the Classifier holds as attributes
 # 8-bit modes that convert to grey or RGB without loss of meaning; 16-bit, 32-bit int and float images
 # would be clipped to 8 bits silently, so they are refused with the fix instead.
 ACCEPTED_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
@@ -77,7 +80,9 @@ class Classifier(nn.Module):
     """Tokenizer + LVM truncated at ``layer`` + head, as one module from pixels to probabilities.
 
     ``readout``: the layers whose states the head reads side by side (``lvm probe --layers 4 5 6 --concat``);
-    default the last one. The LVM is cut at the highest of them.
+    default the last one. The LVM is cut at the highest of them. ``mirror``: the head was fitted on images and
+    their left-right mirrors (``lvm probe --mirror``); ``forward`` returns the mean of an image's and its mirror's
+    probabilities (twice the compute), ``embed`` the image's own features.
 
     ``forward`` is the graph that is exported and served; ``predict`` and ``embed`` take what users
     have (uint8 arrays ``[N, H, W, C]``, PIL images or paths) and preprocess them the way
@@ -85,11 +90,13 @@ class Classifier(nn.Module):
     """
 
     def __init__(self, tokenizer: Tokenizer, lvm: LVM, head: nn.Module, classes: Sequence[str],
-                 info: dict | None = None, precision: str = "fp32", readout: Sequence[int] | None = None) -> None:
+                 info: dict | None = None, precision: str = "fp32", readout: Sequence[int] | None = None,
+                 mirror: bool = False) -> None:
         super().__init__()
         self.tokenizer, self.lvm, self.head = tokenizer.eval(), lvm.eval(), head.eval()
         self.readout = tuple(int(layer) for layer in readout) if readout else (lvm.config.n_layer,)
         self.classes = [str(c) for c in classes]
+        self.mirror = bool(mirror)
         self.special = SpecialTokens(tokenizer.vocab_size)
         self.info = dict(info or {})
         self.precision = precision
@@ -112,7 +119,11 @@ class Classifier(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """``pixels`` float32 [N, C, H, W] in [0, 1] -> probabilities float32 [N, K] in ``classes`` order."""
-        return self.head(*self._head_inputs(pixels)).float().softmax(dim=-1)
+        if not self.mirror:
+            return self.head(*self._head_inputs(pixels)).float().softmax(dim=-1)
+        both = torch.cat([pixels, pixels.flip(-1)])  # one batch: the images, then their mirrors
+        probs = self.head(*self._head_inputs(both)).float().softmax(dim=-1)
+        return rearrange(probs, "(v n) k -> v n k", v=2).mean(0)
 
     def _head_inputs(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The token states, and the pixels too for a linear head that appends them (``lvm probe --pixels``)."""
@@ -186,11 +197,12 @@ class Classifier(nn.Module):
 
         fingerprints = self.fingerprints()
         meta = {
-            "format_version": 2 if len(self.readout) > 1 else 1,  # an older toolkit refuses it instead of misreading
+            "format_version": 2 if len(self.readout) > 1 or self.mirror else 1,  # see FORMAT_VERSION
             "classes": self.classes,
             "method": self.info.get("method", "linear"),
             "layer": self.layer,
             "readout_layers": list(self.readout),
+            "mirror": self.mirror,
             "preprocessing": {
                 "image_size": self.image_size, "channels": self.channels,
                 "resize": "shorter side to image_size (bicubic), then centre crop; grey = PIL 'L', colour = 'RGB'",
@@ -231,7 +243,11 @@ class Classifier(nn.Module):
         if readout is not None and (not isinstance(readout, list) or not all(isinstance(x, int) for x in readout)):
             raise BundleError(f"{directory / BUNDLE_FILE}: readout_layers {readout!r} is not a list of layer numbers; "
                               "rebuild the bundle with 'lvm classifier-train'.")
-        clf = cls(tokenizer, lvm, head, meta["classes"], info, precision, readout)
+        mirror = meta.get("mirror", False)
+        if not isinstance(mirror, bool):
+            raise BundleError(f"{directory / BUNDLE_FILE}: mirror {mirror!r} is not true or false; rebuild the bundle "
+                              "with 'lvm classifier-train'.")
+        clf = cls(tokenizer, lvm, head, meta["classes"], info, precision, readout, mirror)
         expected = meta.get("fingerprints", {})
         actual = clf.fingerprints()
         for part in ("tokenizer", "lvm", "head"):

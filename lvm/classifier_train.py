@@ -9,7 +9,7 @@ pass. No test image is read. The bundle format itself lives in ``lvm.classifier`
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ class ClassifierTrainConfig:
     pool: str = _PROBE.pool  # linear head: mean, grid or tokens pooling of the layer's token states
     grid: int = _PROBE.grid  # pool=grid: token states average-pooled to grid x grid
     pixels: bool = False  # linear head: the raw pixels appended to the LVM's features (lvm probe --pixels on)
+    mirror: bool = False  # linear head: fitted on every image and its mirror, predicts from both (lvm probe --mirror)
     sweep_images: int = _PROBE.sweep_images  # train images used to choose the layer
     limit_train: int = 0  # use at most this many labelled images (0 = all)
     on_error: str = "fail"  # an unreadable image in --source: fail, or skip it with a warning
@@ -67,6 +68,12 @@ class ClassifierTrainConfig:
             raise ProbeError(f"--pool {self.pool!r} is not one of {', '.join(POOLS)}.")
         if self.pixels and self.method != "linear":
             raise ProbeError(f"--pixels is a linear head's read-out; --method {self.method} reads token states only.")
+        if self.mirror and self.method != "linear":
+            raise ProbeError(f"--mirror is a linear head's option; --method {self.method} learns from flips through "
+                             "--flip instead.")
+        if self.mirror and not self.flip:
+            raise ProbeError("--mirror fits and predicts on mirrored images, and --no-flip says this domain's mirrored "
+                             "images may change class: drop one of them.")
         if self.layer < 0:
             raise ProbeError(f"--layer {self.layer} must be >= 1, or 0 to choose it on train images.")
         if self.layers and (self.layer or min(self.layers) < 1 or len(set(self.layers)) != len(self.layers)):
@@ -109,8 +116,12 @@ def classifier_train(cfg: ClassifierTrainConfig) -> dict:
 
         views = token_views(tok, train_set.images, cfg.finetune_views, flip=cfg.flip, seed=cfg.seed)
     pixels = pixel_features(train_set) if cfg.pixels else None
+    mirrored = None
+    if cfg.mirror:  # the linear head also fits on the mirror images: their ids (and pixels), after the originals'
+        flipped = replace(train_set, images=np.ascontiguousarray(train_set.images[:, :, ::-1]))
+        mirrored = (tok.encode(flipped.images), pixel_features(flipped) if cfg.pixels else None)
     lvm, head, metrics = _fit_head(cfg, model, ids, labels, special, layer, len(classes), views, pixels,
-                                   (tok.config.channels, tok.config.image_size))
+                                   (tok.config.channels, tok.config.image_size), mirrored)
     metrics = {**metrics, "train_images": len(labels), "layer_sweep": sweep}
     info = {
         "method": cfg.method,
@@ -119,7 +130,7 @@ def classifier_train(cfg: ClassifierTrainConfig) -> dict:
                      "config": asdict(cfg), "seconds": round(time.time() - t0, 1)},
     }
     clf = Classifier(tok, truncate_lvm(lvm, readout[-1]), head, classes[: head_config(head)["classes"]], info,
-                     readout=readout)
+                     readout=readout, mirror=cfg.mirror)
     clf.save_pretrained(cfg.out)
     return {"out": cfg.out, "method": cfg.method, "layer": layer, "classes": clf.classes,
             "val_accuracy": metrics["val_accuracy"], "train_images": len(labels),
@@ -139,12 +150,14 @@ def build_classifier(checkpoint: str, source: str, method: str = "linear", out: 
 def bundle_from_probe(checkpoint: str, probe: LinearProbe, layer: int | list[int], out: str,
                       classes: list[str] | None = None,
                       pool: str = _PROBE.pool, grid: int = _PROBE.grid, metrics: dict | None = None,
-                      tokenizer: str = "", training: dict | None = None, pixels: bool = False) -> dict:
+                      tokenizer: str = "", training: dict | None = None, pixels: bool = False,
+                      mirror: bool = False) -> dict:
     """Write a linear bundle around a ``LinearProbe`` already fitted on the ``pool``ed layer-``layer`` features
     of ``checkpoint`` (a list: those layers' side by side, ``lvm probe --concat``; as ``lvm probe`` fits at 100 %
     labels), followed by the raw pixels where ``pixels``
-    (``lvm probe --pixels``): nothing is refitted, so it costs seconds. ``metrics`` and ``training`` (what it was
-    fitted on) are recorded in bundle.json as given."""
+    (``lvm probe --pixels``): nothing is refitted, so it costs seconds. ``mirror``: the probe was fitted on images
+    and their mirrors (``lvm probe --mirror``), so the bundle averages both. ``metrics`` and ``training`` (what it
+    was fitted on) are recorded in bundle.json as given."""
     model, tok, ckpt = load_model_and_tokenizer(checkpoint, tokenizer)
     readout = [layer] if isinstance(layer, int) else sorted(layer)
     head = LinearHead.from_probe(probe, pool, grid, tok.grid, model.config.d_model * len(readout),
@@ -152,21 +165,21 @@ def bundle_from_probe(checkpoint: str, probe: LinearProbe, layer: int | list[int
     classes = classes or [str(c) for c in range(probe.weight.shape[0])]
     info = {"method": "linear", "metrics": metrics or {},
             "training": {"checkpoint": str(ckpt), "l2": probe.l2, **(training or {})}}
-    clf = Classifier(tok, truncate_lvm(model, readout[-1]), head, classes, info, readout=readout)
+    clf = Classifier(tok, truncate_lvm(model, readout[-1]), head, classes, info, readout=readout, mirror=mirror)
     clf.save_pretrained(out)
     return {"out": str(out), "method": "linear", "layer": layer, "classes": clf.classes}
 
 
 def fit_linear(features: torch.Tensor, labels: torch.Tensor, classes: int | None = None,
-               seed: int = 0) -> tuple[LinearProbe, dict]:
+               seed: int = 0, copies: int = 1) -> tuple[LinearProbe, dict]:
     """``LinearProbe.fit`` (L2 chosen on a random validation split, then a refit on all rows) and the
-    validation accuracy of each L2 it tried, which a bundle records."""
+    validation accuracy of each L2 it tried, which a bundle records; ``copies``: see ``LinearProbe.fit``."""
     y = torch.as_tensor(labels).long()
-    n_val = max(int(len(y) * LINEAR_VAL_FRACTION), 1)
+    n_val = max(int(len(y) // copies * LINEAR_VAL_FRACTION), 1)
     if len(y) - n_val < 2 or len(set(y.tolist())) < 2:
         raise ProbeError(f"{len(y)} labelled images in {len(set(y.tolist()))} classes are too few to fit and "
                          "validate a classifier; give at least a few images of two or more classes.")
-    probe = LinearProbe.fit(features, y, seed=seed, classes=classes)
+    probe = LinearProbe.fit(features, y, seed=seed, classes=classes, copies=copies)
     return probe, {"val_accuracy": probe.l2_scores[str(probe.l2)], "val_images": probe.val_images, "l2": probe.l2,
                    "l2_scores": probe.l2_scores}
 
@@ -174,10 +187,11 @@ def fit_linear(features: torch.Tensor, labels: torch.Tensor, classes: int | None
 def _fit_head(cfg: ClassifierTrainConfig, model, ids: torch.Tensor, labels: np.ndarray, special: SpecialTokens,
               layer: int | list[int], classes: int, views: torch.Tensor | None = None,
               pixels: torch.Tensor | None = None,
-              image: tuple[int, int] = (1, 28)):
+              image: tuple[int, int] = (1, 28), mirrored: tuple[torch.Tensor, torch.Tensor | None] | None = None):
     """``(LVM the head reads, head, validation metrics)`` for the configured method; ``views``: ids ``[V, N, T]``
     of augmented images, fine-tuning's augmentation; ``pixels``: ``pixel_features`` the linear head appends,
-    of images of ``image`` = (channels, side); ``layer`` a list: those layers' states side by side."""
+    of images of ``image`` = (channels, side); ``layer`` a list: those layers' states side by side; ``mirrored``:
+    the mirror images' ids and pixel features, which the linear head fits on too."""
     from lvm.attentive import HeadTrainConfig, fine_tune, fit_attentive
 
     y = torch.from_numpy(labels)
@@ -188,7 +202,12 @@ def _fit_head(cfg: ClassifierTrainConfig, model, ids: torch.Tensor, labels: np.n
         feats = readout_features(model, ids, special, layer, cfg.pool, cfg.grid, cfg.batch_size, cfg.precision)
         if pixels is not None:
             feats = torch.cat([feats, pixels], dim=1)
-        probe, metrics = fit_linear(feats, y, classes, cfg.seed)
+        if mirrored is not None:  # [2N, F]: the images, then their mirrors (LinearProbe.fit's copies)
+            m_ids, m_pixels = mirrored
+            m_feats = readout_features(model, m_ids, special, layer, cfg.pool, cfg.grid, cfg.batch_size, cfg.precision)
+            feats = torch.cat([feats, m_feats if m_pixels is None else torch.cat([m_feats, m_pixels], dim=1)])
+            y = y.repeat(2)
+        probe, metrics = fit_linear(feats, y, classes, cfg.seed, copies=1 if mirrored is None else 2)
         head = LinearHead.from_probe(probe, cfg.pool, cfg.grid, hw, width, image if pixels is not None else None)
         return model, head, metrics
     attentive = cfg.method == "attentive"

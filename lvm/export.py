@@ -76,7 +76,7 @@ def export_onnx(clf: Classifier, out: str | os.PathLike, opset: int = 18) -> Pat
     proto = program.model_proto
     props = {"classes": json.dumps(clf.classes), "image_size": str(clf.image_size), "channels": str(clf.channels),
              "bundle_id": clf.info.get("bundle_id") or bundle_id(clf.fingerprints(), clf.classes),
-             "layer": str(clf.layer), "readout_layers": json.dumps(list(clf.readout)),
+             "layer": str(clf.layer), "readout_layers": json.dumps(list(clf.readout)), "mirror": json.dumps(clf.mirror),
              "method": str(clf.info.get("method", ""))}
     onnx.helper.set_model_props(proto, props)
     with atomic_path(out) as tmp:

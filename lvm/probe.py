@@ -5,7 +5,8 @@ image's token states are pooled by ``mean`` (one vector), ``grid`` (average-pool
 grid, keeping the layout) or ``tokens`` (all of them). Three probes (``methods``):
 
 - ``linear``: multinomial logistic regression on standardised pooled features, L2 strength
-  picked on a validation split;
+  picked on a validation split (with ``mirror``, fitted on every image and its mirror, and a test
+  image's class read from the mean of both versions' probabilities);
 - ``attentive``: an attention-pooling head trained on the frozen per-token states;
 - ``finetune``: the LVM up to the chosen layer trained together with that head.
 
@@ -69,6 +70,7 @@ class ProbeConfig:
     # auto: kept where they score better on a held-out part of the training images, at the checkpoint's first probed
     # layer; both: rows with and without them from one feature extraction (the bundle's probe is the one with them)
     pixels: str = "off"  # linear probe: raw pixels appended to the LVM's features (the detail tokens lose): off, on, auto, both
+    mirror: bool = False  # linear probe: fit on each image and its left-right mirror, predict from both (2x extraction; where a mirror keeps the class)
     fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 0.3, 1.0])
     seeds: int = 3  # repeats (different label subsets) at fractions < 1
     baselines: bool = True  # raw pixels and random-init model
@@ -111,7 +113,8 @@ def run_probe(cfg: ProbeConfig) -> dict:
     100 % labels on the first probed layer of the checkpoint, with that ``layer``, its ``features`` row name,
     the ``classes`` and ``pixels`` ((channels, side) where it reads the pixels too, else None), so that a caller
     can ship it as a classifier (``lvm.classifier_train.bundle_from_probe``) without fitting it again (``None``
-    where no linear probe ran at 100 %); with ``concat`` ``layer`` is the list of layers it reads."""
+    where no linear probe ran at 100 %); with ``concat`` ``layer`` is the list of layers it reads; ``mirror``: the
+    probe was fitted on images and their mirrors and predicts from both (a bundle must average them too)."""
     _check_config(cfg)
     model, tok, ckpt = load_model_and_tokenizer(cfg.checkpoint, cfg.tokenizer)
     train_set, test_set = _labelled_sets(cfg, tok)
@@ -148,8 +151,8 @@ def run_probe(cfg: ProbeConfig) -> dict:
     results["seconds"] = round(time.time() - t0, 1)
     summary = _write_outputs(results, cfg.fractions, out)
     pixels = task.train_pixels is not None
-    features = first[0] + (PIXELS_SUFFIX if pixels else "")
-    return {**summary, "linear_probe": kept.get("model"), "layer": first[1], "features": features,
+    features = first[0] + (PIXELS_SUFFIX if pixels else "") + (MIRROR_SUFFIX if cfg.mirror else "")
+    return {**summary, "linear_probe": kept.get("model"), "layer": first[1], "features": features, "mirror": cfg.mirror,
             "pixels": (tok.config.channels, tok.config.image_size) if pixels else None,
             "classes": train_set.class_names or [str(c) for c in range(int(train_set.labels.max()) + 1)]}
 
@@ -166,6 +169,8 @@ class ProbeTask:
     views: Callable[[np.ndarray, int], torch.Tensor] | None = None  # (train indices, seed) -> augmented ids [V, n, h*w]
     train_pixels: torch.Tensor | None = None  # pixel_features [N, P] where the linear probe appends them
     test_pixels: torch.Tensor | None = None
+    mirror_ids: tuple[torch.Tensor, torch.Tensor] | None = None  # (train, test) ids of the mirrored images (--mirror)
+    mirror_pixels: tuple[torch.Tensor, torch.Tensor] | None = None  # their pixel_features, where the pixels are read
 
 
 def _check_config(cfg: ProbeConfig) -> None:
@@ -191,6 +196,11 @@ def _check_config(cfg: ProbeConfig) -> None:
     if cfg.concat and len(set(cfg.layers)) < 2:
         raise ProbeError(f"concat reads several layers as one feature; pass two or more --layers (got {cfg.layers}), "
                          "e.g. --layers 4 5 6 --concat.")
+    if cfg.mirror and "linear" not in cfg.methods:
+        raise ProbeError(f"mirror is a linear-probe option; add linear to --methods (got {cfg.methods}).")
+    if cfg.mirror and not cfg.flip:
+        raise ProbeError("mirror fits and predicts on mirrored images, and --no-flip says this domain's mirrored images "
+                         "may change class: drop one of them.")
     if cfg.concat and "finetune" in cfg.methods:
         raise ProbeError("concat is a read-out of frozen states (linear, attentive); fine-tuning trains up to one "
                          "layer: drop --concat or run --methods finetune separately.")
@@ -232,8 +242,14 @@ def _encode_task(cfg: ProbeConfig, tok: Tokenizer, train_set: ImageSet, test_set
         def views(idx: np.ndarray, seed: int) -> torch.Tensor:  # fine-tuning's augmentation, drawn per label subset
             return token_views(tok, train_set.images[idx], cfg.finetune_views, flip=cfg.flip, seed=seed)
     pixels = (pixel_features(train_set), pixel_features(test_set)) if cfg.pixels != "off" else (None, None)
-    return ProbeTask(SpecialTokens(tok.vocab_size), tok.encode(train_set.images), train_set.labels,
+    task = ProbeTask(SpecialTokens(tok.vocab_size), tok.encode(train_set.images), train_set.labels,
                      tok.encode(test_set.images), test_set.labels, views, *pixels)
+    if cfg.mirror:
+        mirrored = [replace(s, images=np.ascontiguousarray(s.images[:, :, ::-1])) for s in (train_set, test_set)]
+        task.mirror_ids = tuple(tok.encode(s.images) for s in mirrored)
+        if cfg.pixels != "off":
+            task.mirror_pixels = tuple(pixel_features(s) for s in mirrored)
+    return task
 
 
 def _models_to_probe(cfg: ProbeConfig, model: LVM, tok: Tokenizer, ckpt: Path) -> dict[str, LVM]:
@@ -276,7 +292,7 @@ def _decide_pixels(model: LVM, layer: int | list[int], task: ProbeTask, cfg: Pro
     print(f"probe: pixels {'kept' if keep else 'left out'} (held-out training images: states "
           f"{100 * scores['states']:.1f} %, states + pixels {100 * scores['states + pixels']:.1f} %)", flush=True)
     if not keep:
-        task.train_pixels = task.test_pixels = None
+        task.train_pixels = task.test_pixels = task.mirror_pixels = None
 
 
 def pixels_pay(states: torch.Tensor, pixels: torch.Tensor, labels: np.ndarray) -> tuple[bool, dict[str, float]]:
@@ -310,8 +326,13 @@ def _probe_layer(label: str, model: LVM, layer: int | list[int], task: ProbeTask
             t_train, t_test = (readout_features(model, ids, task.special, layer, pool, cfg.grid, cfg.batch_size,
                                                 cfg.precision) for ids in (task.train_ids, task.test_ids))
         if "linear" in cfg.methods:
+            mirrors = None
+            if task.mirror_ids is not None:  # the mirrored images' pooled features, for the linear probe only
+                with _timed(clock, f"{label}: mirrored features"):
+                    mirrors = tuple(readout_features(model, ids, task.special, layer, cfg.pool, cfg.grid,
+                                                     cfg.batch_size, cfg.precision) for ids in task.mirror_ids)
             with _timed(clock, f"{label}: linear"):
-                rows += _linear_rows(label, t_train, t_test, task, cfg, keep, pooled=pool != "tokens")
+                rows += _linear_rows(label, t_train, t_test, task, cfg, keep, pooled=pool != "tokens", mirrors=mirrors)
         if "attentive" in cfg.methods:
             with _timed(clock, f"{label}: attentive"):
                 rows += head_efficiency(label, "attentive", t_train, task.train_labels, t_test, task.test_labels, cfg)
@@ -326,19 +347,24 @@ def _probe_layer(label: str, model: LVM, layer: int | list[int], task: ProbeTask
 
 
 def _linear_rows(label: str, t_train: torch.Tensor, t_test: torch.Tensor, task: ProbeTask,
-                 cfg: ProbeConfig, keep: dict | None = None, pooled: bool = False) -> list[dict]:
-    """The linear probe's rows from token states ``[N, h*w, D]`` (or, ``pooled``, from features already ``[N, F]``)."""
+                 cfg: ProbeConfig, keep: dict | None = None, pooled: bool = False,
+                 mirrors: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[dict]:
+    """The linear probe's rows from token states ``[N, h*w, D]`` (or, ``pooled``, from features already ``[N, F]``);
+    ``mirrors``: the mirrored images' pooled features (train, test), for ``--mirror``."""
     hw = tuple(task.train_ids.shape[1:])
     f_train, f_test = (t if pooled else pool_tokens(t, cfg.pool, hw, cfg.grid) for t in (t_train, t_test))  # [N, F]
+    suffix = MIRROR_SUFFIX if mirrors is not None else ""
     rows = []
     if task.train_pixels is not None and cfg.pixels == "both":  # the states alone too, from the same extraction
-        rows += label_efficiency(label, f_train, task.train_labels, f_test, task.test_labels, cfg.fractions,
-                                 cfg.seeds, cfg.seed)
+        rows += label_efficiency(label + suffix, f_train, task.train_labels, f_test, task.test_labels, cfg.fractions,
+                                 cfg.seeds, cfg.seed, mirrors=mirrors)
     if task.train_pixels is not None:  # [N, F + P]: what a linear head with pixels computes (lvm.classifier)
         f_train, f_test = torch.cat([f_train, task.train_pixels], 1), torch.cat([f_test, task.test_pixels], 1)
+        if mirrors is not None:
+            mirrors = tuple(torch.cat([m, p], 1) for m, p in zip(mirrors, task.mirror_pixels))
         label += PIXELS_SUFFIX
-    return rows + label_efficiency(label, f_train, task.train_labels, f_test, task.test_labels, cfg.fractions,
-                                   cfg.seeds, cfg.seed, keep=keep)
+    return rows + label_efficiency(label + suffix, f_train, task.train_labels, f_test, task.test_labels, cfg.fractions,
+                                   cfg.seeds, cfg.seed, keep=keep, mirrors=mirrors)
 
 
 @contextmanager
@@ -451,6 +477,7 @@ def pool_tokens(tokens: torch.Tensor, pool: str, hw: tuple[int, int], grid: int 
 SWEEP_FIT_SHARE = 0.8  # choices on training images (layer, pixels) fit on this share of the rows, score on the rest
 PIXELS_CHOICES = ("off", "on", "auto", "both")
 PIXELS_SUFFIX = " + pixels"  # the row name of LVM features with the raw pixels appended (--pixels)
+MIRROR_SUFFIX = ", mirrored"  # the row name of a linear probe fitted and read on images and their mirrors (--mirror)
 PIXEL_FEATURES_MAX = 28 * 28 * 3  # larger images are area-downsampled to this many values
 
 
@@ -516,7 +543,7 @@ class LinearProbe:
     def fit(cls, x: torch.Tensor, y: torch.Tensor, l2: float | None = None, l2_grid=(1e-4, 1e-3, 1e-2, 1e-1),
             val_fraction: float = LINEAR_VAL_FRACTION, seed: int = 0, max_iter: int = 200,
             init: "LinearProbe | None" = None, classes: int | None = None,
-            select_rows: int | None = None) -> "LinearProbe":
+            select_rows: int | None = None, copies: int = 1) -> "LinearProbe":
         """Fit; with ``l2=None`` pick it on a random validation split, then refit on all.
 
         The grid is walked from the strongest L2 to the weakest, each fit starting from the previous
@@ -526,21 +553,30 @@ class LinearProbe:
         It is off by default: with a mean loss the best L2 shrinks as rows grow, and on Fashion-MNIST
         pixels at 100 % labels a 15k-row choice picked 1e-2 instead of 1e-3 (83.96 vs 84.65 % test;
         scaling it by rows gave 84.49 %), so the protocol keeps choosing on the rows it fits.
+
+        ``copies``: ``x`` stacks that many versions of the same images, block after block (``--mirror``: the images,
+        then their mirrors); the validation split then holds out whole images with every version of them (L2 is
+        never chosen on an image whose mirror was fitted) and scores the mean of their versions' probabilities.
         """
         y = torch.as_tensor(y).long()
         classes = max(int(y.max()) + 1, classes or 0)
         scores, n_val = {}, 0
         if l2 is None:
-            rows = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:select_rows]
+            images = len(x) // copies
+            if images * copies != len(x):
+                raise ValueError(f"LinearProbe.fit: {len(x)} rows are not {copies} blocks of the same images.")
+            rows = torch.randperm(images, generator=torch.Generator().manual_seed(seed))[:select_rows]
             n_val = max(int(len(rows) * val_fraction), 1)
             if len(rows) - n_val < 2 or len(set(y.tolist())) < 2:
                 l2 = l2_grid[len(l2_grid) // 2]
             else:
-                val, tr = rows[:n_val], rows[n_val:]
+                val = rows[:n_val]  # scored as predict reads them: every version's probabilities averaged
+                tr = torch.cat([rows[n_val:] + k * images for k in range(copies)])
                 best, best_acc, prev = None, -1.0, init
                 for lam in sorted(l2_grid, reverse=True):
                     prev = cls.fit(x[tr], y[tr], lam, max_iter=max_iter, init=prev, classes=classes)
-                    acc = scores[str(lam)] = prev.accuracy(x[val], y[val])
+                    probs = sum(prev.probabilities(x[val + k * images]) for k in range(copies))
+                    acc = scores[str(lam)] = float((probs.argmax(1) == y[val]).float().mean())
                     if acc > best_acc:
                         best, best_acc = prev, acc
                 l2, init = best.l2, best
@@ -563,24 +599,36 @@ class LinearProbe:
         opt.step(closure)
         return cls(mean, std, weight.detach(), bias.detach(), l2, scores, n_val if scores else 0)
 
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return (((x - self.mean) / self.std) @ self.weight.T + self.bias).argmax(1)
+    def probabilities(self, x: torch.Tensor, mirror: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N, C]``; with ``mirror`` (the same images' mirrors' features) the mean of both images' probabilities."""
+        probs = (((x - self.mean) / self.std) @ self.weight.T + self.bias).softmax(1)
+        return probs if mirror is None else (probs + self.probabilities(mirror)) / 2
 
-    def accuracy(self, x: torch.Tensor, y) -> float:
-        return float((self.predict(x) == torch.as_tensor(y)).float().mean())
+    def predict(self, x: torch.Tensor, mirror: torch.Tensor | None = None) -> torch.Tensor:
+        return self.probabilities(x, mirror).argmax(1)
+
+    def accuracy(self, x: torch.Tensor, y, mirror: torch.Tensor | None = None) -> float:
+        return float((self.predict(x, mirror) == torch.as_tensor(y)).float().mean())
 
 
 def label_efficiency(
     name: str, f_train: torch.Tensor, y_train: np.ndarray, f_test: torch.Tensor, y_test: np.ndarray,
     fractions: list[float], seeds: int, seed: int = 0, keep: dict | None = None,
+    mirrors: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[dict]:
     """Test accuracy of a linear probe trained on each fraction of the labels (mean ± std over seeds);
-    ``keep["model"]`` receives the probe fitted at 100 % labels, a classifier as it stands."""
+    ``keep["model"]`` receives the probe fitted at 100 % labels, a classifier as it stands. ``mirrors``: the
+    features of the train and test images' mirrors: the probe fits on both versions of each labelled image and
+    scores the mean of a test image's and its mirror's probabilities."""
     y_train_t, y_test_t = torch.from_numpy(y_train), torch.from_numpy(y_test)
 
     def fit_score(idx: np.ndarray, s: int) -> tuple[float, None, LinearProbe]:
-        probe = LinearProbe.fit(f_train[idx], y_train_t[idx], seed=s)
-        return probe.accuracy(f_test, y_test_t), None, probe
+        if mirrors is None:
+            probe = LinearProbe.fit(f_train[idx], y_train_t[idx], seed=s)
+            return probe.accuracy(f_test, y_test_t), None, probe
+        x = torch.cat([f_train[idx], mirrors[0][idx]])
+        probe = LinearProbe.fit(x, y_train_t[idx].repeat(2), seed=s, copies=2)
+        return probe.accuracy(f_test, y_test_t, mirror=mirrors[1]), None, probe
 
     return _curve(name, "linear", y_train, fractions, seeds, seed, int(f_train.shape[1]), fit_score, f"probes: {name}",
                   keep)

@@ -87,6 +87,10 @@ class QuickstartConfig:
     # +1.8 / +1.4 / +0.9 / +0.9 points at 1 / 10 / 30 / 100 % labels on Fashion-MNIST, -0.7 / +0.2 / -1.2 on scikit-image
     # crops, where pixels alone score 37 % (bench/results/claim-table-cpu.md): so "auto" checks on training images
     probe_pixels: str = "auto"  # linear probe and bundle: raw pixels appended to the LVM's features: auto, on, off
+    # linear probe and bundle: fitted on every image and its left-right mirror, predicting from both: +0.8 / +0.8 points
+    # at 30 / 100 % on Fashion-MNIST (bench/results/claim-table-amx.md) for twice the probes' features and fits, which
+    # the budget pays with a smaller probe subsample; off by default, as not every domain keeps its classes in a mirror
+    probe_mirror: bool = False
     probe_seeds: int = 3  # label subsets per fraction < 100 % (1 % labels is noisy: ±0.5 point per subset)
     supervised: str = "auto"  # small CNN from scratch on the same labels: auto (if the probes fit their third of the budget with it), on, off
     seed: int = 0
@@ -179,7 +183,8 @@ def quickstart(cfg: QuickstartConfig) -> dict:
         probed = run_probe(ProbeConfig(
             checkpoint=str(lvm_dir), source=cfg.source, fractions=cfg.probe_fractions, pool=cfg.probe_pool,
             methods=cfg.probe_methods, **({"head_max_steps": 200, "finetune_max_steps": 30} if fast else {}),
-            grid=cfg.probe_grid, pixels=cfg.probe_pixels, seeds=cfg.probe_seeds, sweep_images=1000 if fast else 5000,
+            grid=cfg.probe_grid, pixels=cfg.probe_pixels, mirror=cfg.probe_mirror, seeds=cfg.probe_seeds,
+            sweep_images=1000 if fast else 5000,
             limit_train=3000 if fast else budget.measured.get("probe_train_images", 0),
             limit_test=FAST_TEST_IMAGES if fast else 0,
             out=str(probe_dir), seed=cfg.seed,
@@ -219,10 +224,13 @@ def context_for(sentence: int, context_len: int) -> int:
 
 def check_config(cfg: QuickstartConfig) -> None:
     """Flags whose mistakes would otherwise surface only at a late stage."""
-    if cfg.supervised not in SUPERVISED_MODES:
-        from lvm.runtime import ConfigError
+    from lvm.runtime import ConfigError
 
+    if cfg.supervised not in SUPERVISED_MODES:
         raise ConfigError(f"--supervised {cfg.supervised!r} is not one of {', '.join(SUPERVISED_MODES)}.")
+    if cfg.probe_mirror and "linear" not in cfg.probe_methods:
+        raise ConfigError(f"--probe-mirror is a linear-probe option; add linear to --probe-methods "
+                          f"(got {cfg.probe_methods}).")
 
 
 def run_supervised(cfg: QuickstartConfig, budget: "Budget") -> bool:
@@ -299,7 +307,8 @@ class Budget:
             budget = cls(path, saved["total_s"], saved["stages"], saved["measured"])
         else:
             total = 0.0 if cfg.fast else cfg.time_budget * 60
-            measured = measure_speeds(cfg.precision, RunShape.of(split, cfg.grid), cfg.probe_pixels != "off") if total > 0 else {}
+            measured = measure_speeds(cfg.precision, RunShape.of(split, cfg.grid), cfg.probe_pixels != "off",
+                                      cfg.probe_mirror) if total > 0 else {}
             stages = {name: {} for name in ("split", "tokenizer", "tokenize", "pretrain", "generate", "probe")}
             if measured:
                 probe_s = plan_probes(measured, RunShape.of(split, cfg.grid), total, cfg.supervised,
@@ -432,13 +441,15 @@ class RunShape:
                    sum(split.get("unlabeled", {}).values()), max(1, len(split["train"])))
 
 
-def measure_speeds(precision: str = "auto", shape: RunShape | None = None, pixels: bool = False) -> dict:
+def measure_speeds(precision: str = "auto", shape: RunShape | None = None, pixels: bool = False,
+                   mirror: bool = False) -> dict:
     """A few seconds of timing that predict the fixed stages on this machine: the small LVM's
     forward (feature extraction), the tokenizer's encoder (tokenizing), and the matmul shape of
     the linear-probe fits, scaled to the run's image counts, size and grid; and a few training steps of
     the supervised CNN baseline at the run's image shape and batch (``plan_probes`` turns them into the
-    cost of its fits; ``pixels``: the LVM's linear probes read the raw pixels too, wider fits). Returns rates
-    and the predicted seconds of the tokenize and probe stages."""
+    cost of its fits; ``pixels``: the LVM's linear probes read the raw pixels too, wider fits; ``mirror``: they
+    read every train and test image's mirror too, twice the features and fit rows). Returns rates and the
+    predicted seconds of the tokenize and probe stages."""
     import torch
 
     from lvm.config import LVMConfig
@@ -479,14 +490,15 @@ def measure_speeds(precision: str = "auto", shape: RunShape | None = None, pixel
     pixel_dims = min(size * size * channels, PIXEL_FEATURES_MAX)
     fit_s = FIT_PASSES_PER_MODEL * pass_s / 60_000 * ((FIT_DIMS + pixel_dims) / FIT_DIMS if pixels else 1.0)
     pixel_s = PIXEL_FIT_PASSES * pass_s / 60_000 * max(1.0, pixel_dims / 784)
-    sweep = min(5000, shape.train)
-    per_model = ESTIMATE_MARGIN * (feature_s * (sweep + shape.train + shape.test) + fit_s * shape.train + compile_s)
+    sweep, copies = min(5000, shape.train), 2 if mirror else 1
+    per_model = ESTIMATE_MARGIN * (feature_s * (sweep + copies * (shape.train + shape.test))
+                                   + copies * fit_s * shape.train + compile_s)
     return {"forward_images_per_s": round(forward_ips, 1), "encode_images_per_s": round(encode_ips, 1),
             "fit_pass_s": round(pass_s, 4),
             "tokenize_s": ESTIMATE_MARGIN * (shape.train + shape.test + shape.unlabeled) / encode_ips + 10.0,
             "probe_s_per_model": per_model, "probe_pixels_s": ESTIMATE_MARGIN * pixel_s * shape.train,
-            "per_train_image_s": ESTIMATE_MARGIN * (feature_s + fit_s + pixel_s),
-            "probe_fixed_s": ESTIMATE_MARGIN * (feature_s * (5000 + shape.test) + compile_s),
+            "per_train_image_s": ESTIMATE_MARGIN * (copies * (feature_s + fit_s) + pixel_s),
+            "probe_fixed_s": ESTIMATE_MARGIN * (feature_s * (5000 + copies * shape.test) + compile_s),
             "extract_compile_s": round(compile_s, 1),
             "supervised_step_s": round(cnn_step_s, 4), "supervised_eval_images_per_s": round(cnn_eval_ips, 1),
             "torch_threads": torch.get_num_threads()}
@@ -575,6 +587,8 @@ def write_report(out: Path, cfg: QuickstartConfig, tok_eval: dict, train_summary
         "",
         "Probes on the best layer (chosen on training images): `linear` is logistic regression on grid-pooled "
         "token states" + pixels_text(cfg.probe_pixels, probe) +
+        (", fitted on every labelled image and its left-right mirror and reading a test image's class from the mean "
+         "of both versions' probabilities (`, mirrored`; so does the classifier below)" if cfg.probe_mirror else "") +
         ", `attentive` an attention-pooling head on the frozen token states, `finetune` the LVM "
         "trained with that head. Baselines: raw pixels and (unless left out, see above) the same architecture at "
         "random init." + supervised_text(probe) + " Fractions below 100 % are means ± std over label subsets.",
@@ -608,7 +622,9 @@ def write_classifier(bundle_dir: Path, cfg: QuickstartConfig, probed: dict, spli
         "test_images": n_test,
         "train_images": row["n_labels"],
         "fitted": f"the quickstart's linear probe at 100 % labels (layer {layer}, chosen on training images; "
-                  f"L2 {probe.l2:g}, chosen on a validation split of the training labels), wrapped without refitting",
+                  f"L2 {probe.l2:g}, chosen on a validation split of the training labels"
+                  + ("; fitted on the images and their mirrors, predicting from both" if probed.get("mirror") else "")
+                  + "), wrapped without refitting",
     }
     if row["n_labels"] < n_train:
         why = "--fast" if cfg.fast else "the probes on every label would not fit their third of the time budget on this CPU"
@@ -618,7 +634,7 @@ def write_classifier(bundle_dir: Path, cfg: QuickstartConfig, probed: dict, spli
     classes = probed["classes"][: probe.weight.shape[0]]
     return bundle_from_probe(str(Path(cfg.out) / "lvm"), probe, layer, str(bundle_dir), classes, pool=cfg.probe_pool,
                              grid=cfg.probe_grid, metrics=metrics, pixels=probed.get("pixels") is not None,
-                             training={"source": cfg.source, "test_source": cfg.test_source or None,
+                             mirror=bool(probed.get("mirror")), training={"source": cfg.source, "test_source": cfg.test_source or None,
                                        "by": "lvm quickstart"})
 
 
@@ -844,6 +860,8 @@ def probe_command(cfg: QuickstartConfig, budget: Budget, *flags: str) -> str:
         parts += ["--pool", cfg.probe_pool, "--grid", str(cfg.probe_grid)]
     if cfg.probe_pixels != default.pixels:
         parts += ["--pixels", cfg.probe_pixels]
+    if cfg.probe_mirror:
+        parts += ["--mirror"]
     if cfg.probe_methods != default.methods:
         parts += ["--methods", *cfg.probe_methods]
     if cfg.precision != default.precision:

@@ -85,7 +85,7 @@ def create_app(cfg: ServeConfig, classifier: Classifier | None = None):
     info = {
         "model": str(clf.path or cfg.model), "bundle_id": clf.info.get("bundle_id", ""),
         "method": clf.info.get("method", ""), "layer": clf.layer,
-        "readout_layers": list(clf.readout), "classes": clf.classes,
+        "readout_layers": list(clf.readout), "mirror": clf.mirror, "classes": clf.classes,
         "preprocessing": {"image_size": clf.image_size, "channels": clf.channels},
         "val_accuracy": clf.info.get("metrics", {}).get("val_accuracy"),
         "test_accuracy": clf.info.get("metrics", {}).get("test_accuracy"), "backend": cfg.backend, "limits": limits,

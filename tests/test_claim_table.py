@@ -56,6 +56,35 @@ def test_commands_passed_again_are_listed_once_in_their_first_order(tmp_path):
     assert (tmp_path / "claim.md").read_text().count("- `lvm train`") == 1
 
 
+def test_a_block_holds_its_domain_and_twin_rows_with_and_without_the_pixels_and_matches_within_itself(tmp_path):
+    """--block LABEL DOMAIN OOD: four rows (states and + pixels, mirror-averaged row names included), each twin row
+    matched against its own block's domain row, not against a better row of another block."""
+    import json
+
+    from bench.claim_table import main
+
+    def probe(path, rows):
+        path.write_text(json.dumps({"rows": [{"features": f, "method": "linear", "fraction": fr, "acc_mean": a,
+                                              "runs": 1} for f, fr, a in rows]}))
+        return str(path)
+
+    dom = probe(tmp_path / "d.json", [("lvm (layer 5), mirrored", 0.1, 0.80), ("lvm (layer 5), mirrored", 1.0, 0.90),
+                                      ("lvm (layer 5) + pixels, mirrored", 0.1, 0.70),
+                                      ("lvm (layer 5) + pixels, mirrored", 1.0, 0.75)])
+    ood = probe(tmp_path / "o.json", [("lvm (layer 6), mirrored", 1.0, 0.85),
+                                      ("lvm (layer 6) + pixels, mirrored", 1.0, 0.72)])
+    other = probe(tmp_path / "x.json", [("lvm (layer 5)", 0.1, 0.99), ("lvm (layer 5)", 1.0, 0.99)])
+    main(["--block", "mirrored", dom, ood, "--domain", other, "--ood", other, "--finetune", "",
+          "--out", str(tmp_path / "claim")])
+    rows = json.loads((tmp_path / "claim.json").read_text())["rows"]
+    assert rows["domain LVM, mirrored, linear"]["accuracy"]["1.0"][0] == 0.90
+    assert rows["domain LVM, mirrored, linear + pixels"]["accuracy"]["1.0"][0] == 0.75
+    twin = rows["out-of-domain LVM (skimage crops), mirrored, linear"]
+    assert twin["block"] == "mirrored" and twin["domain_matches_at"].startswith("32 %")  # halfway in log-fraction: 10 ** -0.5
+    twin_px = rows["out-of-domain LVM (skimage crops), mirrored, linear + pixels"]
+    assert twin_px["domain_matches_at"].startswith("25 %")  # 0.72 in its block's 0.70 -> 0.75: 10 ** -0.6
+
+
 def test_finetune_rows_average_over_subsets_and_refit_rows_count_their_lpft_score():
     ft = [{"lever": "lpft", "fraction": 0.1, "test_acc": 0.80},  # subset 0 (rows from before subsets were recorded)
           {"lever": "lpft+refit", "fraction": 0.1, "subset": 1, "test_acc": 0.84, "test_acc_before_refit": 0.82},

@@ -11,7 +11,7 @@ from PIL import Image
 
 from lvm import Classifier
 from lvm.checkpoint import load_model_and_tokenizer
-from lvm.classifier import BundleMismatch, LinearHead, UnsupportedImage, prepare_image, to_uint8_images
+from lvm.classifier import BundleError, BundleMismatch, LinearHead, UnsupportedImage, prepare_image, to_uint8_images
 from lvm.classifier_train import ClassifierTrainConfig, bundle_from_probe, classifier_train, fit_linear
 from lvm.cli import main
 from lvm.data import SpecialTokens
@@ -334,3 +334,45 @@ def test_several_read_out_layers_are_checked(tiny_pipeline, labelled_folder, tmp
     (tmp_path / "att" / "bundle.json").write_text(json.dumps({**meta, "readout_layers": [2]}))
     with pytest.raises(BundleMismatch, match="read-out layers"):
         Classifier.from_pretrained(tmp_path / "att")
+
+
+def test_a_mirror_bundle_fits_on_images_and_mirrors_and_averages_both(tiny_pipeline, labelled_folder, tmp_path):
+    """--mirror: the linear head is LinearProbe fitted on the images then their mirrors (whole images held out for
+    L2), the bundle records it, and its probabilities are the mean over an image and its mirror."""
+    out = tmp_path / "mirror"
+    summary = classifier_train(ClassifierTrainConfig(checkpoint=tiny_pipeline["lvm"], source=str(labelled_folder),
+                                                     layer=2, mirror=True, precision="fp32", out=str(out)))
+    meta = json.loads((out / "bundle.json").read_text())
+    assert meta["mirror"] is True and meta["format_version"] == 2 and meta["training"]["config"]["mirror"]
+    clf = Classifier.from_pretrained(out)
+    assert clf.mirror
+
+    model, tok, _ = load_model_and_tokenizer(tiny_pipeline["lvm"])
+    train = load_images(str(labelled_folder), "train", size=16, channels=1)
+    special = SpecialTokens(tok.vocab_size)
+    feats = torch.cat([extract_features(model, tok.encode(np.ascontiguousarray(im)), special, 2, "grid", 3,
+                                        precision="fp32") for im in (train.images, train.images[:, :, ::-1])])
+    probe = LinearProbe.fit(feats, torch.from_numpy(train.labels).repeat(2), classes=3, copies=2)
+    assert summary["val_accuracy"] == probe.l2_scores[str(probe.l2)]
+    assert meta["metrics"]["val_images"] == int(len(train.labels) * 0.15)  # images, not rows
+    torch.testing.assert_close(clf.head.linear.weight, probe.weight, atol=1e-4, rtol=1e-4)
+
+    pixels = clf.preprocess(train.images[:8])
+    with torch.no_grad():
+        logits = clf.head(clf.token_states(torch.cat([pixels, pixels.flip(-1)])))
+        expected = logits.softmax(-1).reshape(2, 8, 3).mean(0)
+        torch.testing.assert_close(clf(pixels), expected)
+        torch.testing.assert_close(clf(pixels.flip(-1)), expected)
+
+
+def test_mirror_needs_a_linear_head_a_flippable_domain_and_a_boolean(tiny_pipeline, labelled_folder, tmp_path):
+    common = dict(checkpoint=tiny_pipeline["lvm"], source=str(labelled_folder), out=str(tmp_path / "b"), mirror=True)
+    with pytest.raises(ProbeError, match="linear head"):
+        ClassifierTrainConfig(**common, method="attentive")
+    with pytest.raises(ProbeError, match="no-flip"):
+        ClassifierTrainConfig(**common, flip=False)
+    classifier_train(ClassifierTrainConfig(**common, layer=1))
+    meta = json.loads((tmp_path / "b" / "bundle.json").read_text())
+    (tmp_path / "b" / "bundle.json").write_text(json.dumps({**meta, "mirror": "yes"}))
+    with pytest.raises(BundleError, match="mirror"):
+        Classifier.from_pretrained(tmp_path / "b")

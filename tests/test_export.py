@@ -131,3 +131,18 @@ def test_onnx_parity_holds_for_a_bundle_reading_several_layers(tiny_pipeline, tm
     assert parity["top1_agreement"] == 1.0 and parity["max_abs_prob_diff"] <= 1e-4
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "l12.onnx")).metadata_props}
     assert json.loads(props["readout_layers"]) == [1, 2] and props["layer"] == "2"
+
+
+def test_onnx_parity_holds_for_a_mirror_bundle(tiny_pipeline, tmp_path):
+    classifier_train(ClassifierTrainConfig(checkpoint=tiny_pipeline["lvm"], source=tiny_pipeline["npz"], layer=2,
+                                           mirror=True, out=str(tmp_path / "m")))
+    clf = Classifier.from_pretrained(tmp_path / "m")
+    assert clf.mirror
+    model = OnnxClassifier(export_onnx(clf, tmp_path / "m.onnx"))
+    images = _generated_images(64)
+    parity = compare_with_torch(clf, model, images)
+    assert parity["top1_agreement"] == 1.0 and parity["max_abs_prob_diff"] <= 1e-4
+    pixels = model.preprocess(images)
+    np.testing.assert_allclose(model(pixels), model(np.ascontiguousarray(pixels[..., ::-1])), atol=1e-5)  # averaged
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert json.loads(props["mirror"]) is True

@@ -295,3 +295,77 @@ def test_probe_concat_needs_several_layers_and_frozen_read_outs(tiny_pipeline, t
         run_probe(ProbeConfig(**common))  # the sweep picks one layer: nothing to concatenate
     with pytest.raises(ProbeError, match="fine-tuning"):
         run_probe(ProbeConfig(**common, layers=[1, 2], methods=["linear", "finetune"]))
+
+
+def test_linear_probe_copies_hold_out_whole_images_when_choosing_l2():
+    """Rows that are versions of the same images (--mirror: images, then mirrors): with copies=2 the validation
+    split holds out both versions of an image, so on random labels L2 is scored near chance; split row by row, an
+    image's twin sits in the fit and the scores are inflated (what copies prevents)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 120, generator=g)
+    y = torch.randint(0, 4, (200,), generator=g)
+    doubled, y2 = torch.cat([x, x]), y.repeat(2)
+    grouped = LinearProbe.fit(doubled, y2, seed=0, copies=2)
+    leaky = LinearProbe.fit(doubled, y2, seed=0)
+    assert max(grouped.l2_scores.values()) < 0.45  # chance is 0.25
+    assert max(leaky.l2_scores.values()) > max(grouped.l2_scores.values()) + 0.2
+    assert grouped.val_images == 30  # images held out, not rows
+    with pytest.raises(ValueError, match="blocks"):
+        LinearProbe.fit(doubled[:-1], y2[:-1], copies=2)
+
+
+def test_mirror_probabilities_are_the_mean_of_both_versions():
+    probe = LinearProbe(torch.zeros(3), torch.ones(3), torch.randn(4, 3), torch.randn(4), 1e-3)
+    a, b = torch.randn(5, 3), torch.randn(5, 3)
+    torch.testing.assert_close(probe.probabilities(a, mirror=b), (probe.probabilities(a) + probe.probabilities(b)) / 2)
+    assert torch.equal(probe.predict(a, mirror=b), probe.predict(b, mirror=a))
+
+
+def test_probe_mirror_fits_on_images_and_mirrors_and_ships_a_mirror_invariant_bundle(tiny_pipeline, tmp_path):
+    """--mirror: the row is a probe fitted on every image and its mirror and scored on the mean of both versions'
+    probabilities, exactly as rebuilt by hand; the bundle made from it averages both versions too (so a mirrored
+    image gets the same probabilities) and scores the row's accuracy."""
+    from lvm.checkpoint import load_model_and_tokenizer
+    from lvm.classifier import Classifier
+    from lvm.classifier_train import bundle_from_probe
+    from lvm.data import SpecialTokens
+    from tokenizer.images import load_images
+
+    common = dict(checkpoint=tiny_pipeline["lvm"], source=tiny_pipeline["npz"], fractions=[1.0], seeds=1, layers=[2],
+                  baselines=False, pool="grid", grid=2)
+    mirrored = run_probe(ProbeConfig(**common, mirror=True, out=str(tmp_path / "m")))
+    (row,) = mirrored["rows"]
+    assert row["features"] == mirrored["features"] == "lvm (layer 2), mirrored" and mirrored["mirror"] is True
+
+    model, tok, _ = load_model_and_tokenizer(tiny_pipeline["lvm"])
+    special = SpecialTokens(tok.vocab_size)
+    sets = [load_images(tiny_pipeline["npz"], split, size=16, channels=1) for split in ("train", "test")]
+    feats = [[extract_features(model, tok.encode(np.ascontiguousarray(im)), special, 2, "grid", 2)
+              for im in (s.images, s.images[:, :, ::-1])] for s in sets]
+    y_train, y_test = (torch.from_numpy(s.labels) for s in sets)
+    probe = LinearProbe.fit(torch.cat(feats[0]), y_train.repeat(2), seed=0, copies=2)
+    assert row["acc_mean"] == pytest.approx(probe.accuracy(feats[1][0], y_test, mirror=feats[1][1]))
+
+    bundle_from_probe(tiny_pipeline["lvm"], mirrored["linear_probe"], 2, str(tmp_path / "bundle"), pool="grid", grid=2,
+                      mirror=True)
+    meta = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
+    assert meta["mirror"] is True and meta["format_version"] == 2
+    clf = Classifier.from_pretrained(tmp_path / "bundle")
+    assert clf.mirror
+    pixels = clf.preprocess(sets[1].images[:16])
+    with torch.no_grad():
+        torch.testing.assert_close(clf(pixels), clf(pixels.flip(-1)))  # the mean of both versions, in either order
+        clf.mirror = False
+        assert not torch.allclose(clf(pixels), clf(pixels.flip(-1)))  # what the averaging removes
+        clf.mirror = True
+    labels, _ = clf.predict(sets[1].images)
+    right = np.mean(np.array(labels) == sets[1].labels.astype(str))
+    assert right == pytest.approx(row["acc_mean"], abs=1.01 / len(labels))  # bf16 features vs the fp32 bundle
+
+
+def test_probe_mirror_is_a_linear_probe_option_for_flippable_domains(tiny_pipeline, tmp_path):
+    common = dict(checkpoint=tiny_pipeline["lvm"], source=tiny_pipeline["npz"], out=str(tmp_path), mirror=True)
+    with pytest.raises(ProbeError, match="linear"):
+        run_probe(ProbeConfig(**common, methods=["attentive"]))
+    with pytest.raises(ProbeError, match="no-flip"):
+        run_probe(ProbeConfig(**common, flip=False))

@@ -33,6 +33,31 @@ def test_quickstart_fast_end_to_end_and_resume(tiny_pipeline, tmp_path):
     assert json.loads((out / "quickstart_config.json").read_text())["fast"] is True
 
 
+def test_quickstart_probe_mirror_ships_the_mirrored_probe_as_its_classifier(tiny_pipeline, tmp_path):
+    """--probe-mirror: the probe stage's linear rows are fitted on images and mirrors, the bundle averages both
+    versions (bundle.json says so) and scores on the test images what its row reported; the report says it."""
+    import numpy as np
+
+    from lvm import Classifier
+    from tokenizer.images import load_images
+
+    out = tmp_path / "qs"
+    quickstart(QuickstartConfig(out=str(out), source=tiny_pipeline["npz"], fast=True, probe_fractions=[1.0],
+                                probe_mirror=True, probe_pixels="off", supervised="off"))
+    rows = json.loads((out / "probe" / "probe.json").read_text())["rows"]
+    (row,) = [r for r in rows if r["features"].startswith("lvm (layer")]
+    assert row["features"].endswith(", mirrored")
+    meta = json.loads((out / "classifier" / "bundle.json").read_text())
+    assert meta["mirror"] is True and "their mirrors" in meta["metrics"]["fitted"]
+    clf = Classifier.from_pretrained(out / "classifier")
+    test = load_images(tiny_pipeline["npz"], "test", size=clf.image_size, channels=clf.channels, limit=1000)
+    labels, _ = clf.predict(test.images)
+    assert abs(float(np.mean([label == str(y) for label, y in zip(labels, test.labels)])) - row["acc_mean"]) <= 0.005
+    assert "`, mirrored`" in (out / "report.md").read_text()
+    with pytest.raises(ValueError, match="--probe-mirror is a linear-probe option"):
+        quickstart(QuickstartConfig(out=str(tmp_path / "bad"), probe_mirror=True, probe_methods=["attentive"]))
+
+
 def _check_classifier(out, source, report):
     """The probe's 100 %-labels linear probe shipped as a bundle: it loads as a user loads it, scores on the test
     images what the probe reported, records that as its test accuracy, and the report shows and runs it."""
@@ -67,7 +92,7 @@ def test_budget_shares_follow_the_measured_fixed_stages(tmp_path, monkeypatch):
 
     fake = {"forward_images_per_s": 1.0, "encode_images_per_s": 1.0, "fit_pass_s": 0.1,
             "tokenize_s": 120.0, "probe_s_per_model": 250.0, "probe_pixels_s": 100.0}
-    monkeypatch.setattr(qs, "measure_speeds", lambda precision, shape=None, pixels=False: fake)
+    monkeypatch.setattr(qs, "measure_speeds", lambda precision, shape=None, pixels=False, mirror=False: fake)
     budget = qs.Budget.load_or_plan(tmp_path, QuickstartConfig(out=str(tmp_path), time_budget=30))
     left = 1800 - 120 - 600 - qs.SLACK_S
     assert budget.share("tokenizer") == pytest.approx(qs.TOKENIZER_SHARE * left)
@@ -80,7 +105,7 @@ def test_budget_shares_follow_the_measured_fixed_stages(tmp_path, monkeypatch):
     assert "30-minute budget" in lines and "| tokenize | 120.0 | 100.0 |" in lines
     assert budget.measured["random_init"] and "left out" not in lines  # 600 s <= a third of 30 min
     slow = dict(fake, probe_s_per_model=400.0)  # 900 s > 600 s: the random-init model is left out
-    monkeypatch.setattr(qs, "measure_speeds", lambda precision, shape=None, pixels=False: dict(slow))
+    monkeypatch.setattr(qs, "measure_speeds", lambda precision, shape=None, pixels=False, mirror=False: dict(slow))
     tight = qs.Budget.load_or_plan(tmp_path / "slow", QuickstartConfig(time_budget=30))
     assert not tight.measured["random_init"] and tight.stages["probe"]["estimate_s"] == 500.0
     assert "left out" in "\n".join(qs.budget_lines(tight, QuickstartConfig()))
@@ -107,6 +132,24 @@ def test_measured_speeds_predict_positive_stage_times():
     assert 0 < m["tokenize_s"] < 3600 and 0 < m["probe_s_per_model"] < 36_000 and m["probe_pixels_s"] > 0
     assert 0 < m["supervised_step_s"] < 30 and m["supervised_eval_images_per_s"] > 0
     assert 0 < supervised_seconds(m, RunShape(), 60_000, [0.01, 0.1, 0.3, 1.0], 3) < 36_000
+
+
+def test_mirrored_probes_cost_twice_the_features_and_fits_of_every_train_and_test_image(monkeypatch):
+    """--probe-mirror: the plan counts each image's mirror (features and fit rows) but not the raw pixels' fits
+    nor the layer sweep's extraction twice. Timings are fixed so that the two plans differ by the mirror alone."""
+    import lvm.quickstart as qs
+
+    monkeypatch.setattr(qs, "_best_time", lambda fn, repeats=3: 0.01)
+    monkeypatch.setattr(qs, "time_supervised_cnn", lambda shape, precision="auto": (0.1, 1000.0))
+    shape = qs.RunShape(train=60_000, test=10_000)
+    plain, mirror = (qs.measure_speeds("fp32", shape, pixels=True, mirror=m) for m in (False, True))
+    pixel_per_image = plain["probe_pixels_s"] / shape.train
+    own = plain["per_train_image_s"] - pixel_per_image  # a train image's features and fit rows
+    assert own > 0 and mirror["per_train_image_s"] == pytest.approx(2 * own + pixel_per_image)
+    feature_per_image = (mirror["probe_fixed_s"] - plain["probe_fixed_s"]) / shape.test  # the test mirrors' features
+    assert feature_per_image > 0
+    assert mirror["probe_s_per_model"] - plain["probe_s_per_model"] == pytest.approx(
+        feature_per_image * shape.test + own * shape.train)
 
 
 # Speeds that put the supervised CNN's fits on Fashion-MNIST's shape at a known cost: 0.1 s a step, 1000 images/s.
@@ -181,7 +224,7 @@ def test_supervised_baseline_runs_when_the_probe_stage_with_it_fits_its_share_of
     assert "--limit-train" in qs.probe_command(qs.QuickstartConfig(), qs.Budget(None, 1800, {}, forced), "--supervised")
 
     # the quickstart's plan passes --supervised and the probe settings through, and keeps the decision on a resume
-    monkeypatch.setattr(qs, "measure_speeds", lambda precision, shape=None, pixels=False: {"tokenize_s": 60.0, **probes, **CNN})
+    monkeypatch.setattr(qs, "measure_speeds", lambda precision, shape=None, pixels=False, mirror=False: {"tokenize_s": 60.0, **probes, **CNN})
     planned = qs.Budget.load_or_plan(tmp_path, QuickstartConfig(out=str(tmp_path), time_budget=30))
     assert planned.measured["supervised"] is False and planned.stages["probe"]["estimate_s"] == 350.0
     assert qs.run_supervised(QuickstartConfig(), qs.Budget.load_or_plan(tmp_path, QuickstartConfig())) is False

@@ -59,7 +59,7 @@ def test_health_and_info(client, clf):
     assert client.get("/health").json()["status"] == "ok"
     info = client.get("/info").json()
     assert info["classes"] == clf.classes and info["layer"] == 2 and info["bundle_id"] == clf.info["bundle_id"]
-    assert info["readout_layers"] == [2]
+    assert info["readout_layers"] == [2] and info["mirror"] is False
     assert info["preprocessing"] == {"image_size": 16, "channels": 1} and info["limits"]["max_images"] == 4
 
 
