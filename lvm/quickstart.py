@@ -726,7 +726,8 @@ def classifier_lines(cfg: QuickstartConfig, shown: dict | None, split: dict) -> 
         return lines + [
             "No classifier bundle: the linear probe did not run at 100 % labels (`--probe-methods` / "
             f"`--probe-fractions`). `lvm classifier-train --checkpoint {q(run / 'lvm')} --source {q(cfg.source)} "
-            f"{'--pixels ' if cfg.probe_pixels == 'on' else ''}--out {q(run / 'classifier')}` builds one.", ""]
+            f"{'--pixels ' if cfg.probe_pixels == 'on' else ''}{'--mirror ' if cfg.probe_mirror else ''}"
+            f"--out {q(run / 'classifier')}` builds one.", ""]
     m = shown["metrics"]
     mib = shown["bytes"] / 2**20
     lines += [

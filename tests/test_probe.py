@@ -369,3 +369,31 @@ def test_probe_mirror_is_a_linear_probe_option_for_flippable_domains(tiny_pipeli
         run_probe(ProbeConfig(**common, methods=["attentive"]))
     with pytest.raises(ProbeError, match="no-flip"):
         run_probe(ProbeConfig(**common, flip=False))
+
+
+def test_probe_mirror_with_pixels_both_mirrors_the_pixels_too(tiny_pipeline, tmp_path):
+    """--mirror --pixels both: both rows are mirror-averaged, and the joint one reads the mirror image's own pixels
+    (the same probe as a --pixels on --mirror run, on the same subsets)."""
+    common = dict(checkpoint=tiny_pipeline["lvm"], source=tiny_pipeline["npz"], fractions=[0.5, 1.0], seeds=2,
+                  layers=[2], baselines=False, pool="grid", grid=2, mirror=True)
+    both = run_probe(ProbeConfig(**common, pixels="both", out=str(tmp_path / "both")))
+    joint = run_probe(ProbeConfig(**common, pixels="on", out=str(tmp_path / "on")))
+    names = {r["features"]: r["dim"] for r in both["rows"]}
+    assert names == {"lvm (layer 2), mirrored": names["lvm (layer 2), mirrored"],
+                     "lvm (layer 2) + pixels, mirrored": names["lvm (layer 2), mirrored"] + 16 * 16}
+    by = {(r["features"], r["fraction"]): r["acc_mean"] for r in both["rows"]}
+    for r in joint["rows"]:
+        assert by[(r["features"], r["fraction"])] == pytest.approx(r["acc_mean"])
+    assert both["features"] == "lvm (layer 2) + pixels, mirrored" and both["pixels"] == (1, 16)
+    from lvm.checkpoint import load_model_and_tokenizer
+    from lvm.probe import _encode_task, pixel_features
+    from tokenizer.images import load_images
+
+    _, tok, _ = load_model_and_tokenizer(tiny_pipeline["lvm"])
+    sets = [load_images(tiny_pipeline["npz"], split, size=16, channels=1) for split in ("train", "test")]
+    task = _encode_task(ProbeConfig(**common, pixels="on"), tok, *sets)
+    for images, ids, pixels in zip(sets, task.mirror_ids, task.mirror_pixels):
+        mirrored = images.images[:, :, ::-1]
+        assert torch.equal(ids, tok.encode(np.ascontiguousarray(mirrored)))
+        torch.testing.assert_close(pixels, torch.from_numpy(mirrored.reshape(len(mirrored), -1) / 255.0).float())
+    assert not torch.equal(task.mirror_pixels[0], task.train_pixels)
