@@ -232,7 +232,8 @@ def main(argv=None) -> None:
     if commands:
         lines += ["", "Commands:", "", *[f"- `{c}`" for c in commands]]
     write_results(args.out, {"cpu": cpu_model(), "rows": table, "domain_best": best,
-                             "inputs": {"domain": args.domain, "ood": args.ood, "finetune": args.finetune,
+                             "inputs": {"blocks": args.block, "domain": args.domain, "ood": args.ood,
+                                        "finetune": args.finetune,
                                         "current": args.current, "current_ood": args.current_ood,
                                         "current_pixels": args.current_pixels,
                                         "current_ood_pixels": args.current_ood_pixels},

@@ -87,9 +87,10 @@ class QuickstartConfig:
     # +1.8 / +1.4 / +0.9 / +0.9 points at 1 / 10 / 30 / 100 % labels on Fashion-MNIST, -0.7 / +0.2 / -1.2 on scikit-image
     # crops, where pixels alone score 37 % (bench/results/claim-table-cpu.md): so "auto" checks on training images
     probe_pixels: str = "auto"  # linear probe and bundle: raw pixels appended to the LVM's features: auto, on, off
-    # linear probe and bundle: fitted on every image and its left-right mirror, predicting from both: +0.8 / +0.8 points
-    # at 30 / 100 % on Fashion-MNIST (bench/results/claim-table-amx.md) for twice the probes' features and fits, which
-    # the budget pays with a smaller probe subsample; off by default, as not every domain keeps its classes in a mirror
+    # linear probe and bundle: fitted on every image and its left-right mirror, predicting from both: +0.8 / +0.4 / +0.9 /
+    # +0.7 points at 1 / 10 / 30 / 100 % on Fashion-MNIST (bench/results/claim-table-amx.md) for twice the probes'
+    # features and fits, which the budget pays with a smaller probe subsample; off by default, as not every domain keeps
+    # its classes in a mirror
     probe_mirror: bool = False
     probe_seeds: int = 3  # label subsets per fraction < 100 % (1 % labels is noisy: ±0.5 point per subset)
     supervised: str = "auto"  # small CNN from scratch on the same labels: auto (if the probes fit their third of the budget with it), on, off
