@@ -251,7 +251,9 @@ class Classifier(nn.Module):
         expected = meta.get("fingerprints", {})
         actual = clf.fingerprints()
         for part in ("tokenizer", "lvm", "head"):
-            if expected.get(part) != actual[part]:
+            # an LVM written before a config field existed was fingerprinted without it (see LATER_LVM_FIELDS)
+            older = {older_lvm_fingerprint(clf.lvm)} if part == "lvm" else set()
+            if expected.get(part) not in {actual[part], *older}:
                 raise BundleMismatch(
                     f"{directory / part}: fingerprint {actual[part]} but {directory / BUNDLE_FILE} records "
                     f"{expected.get(part)}; this {part} is not the one the classifier was built with (the parts were "
@@ -423,6 +425,19 @@ def state_fingerprint(config: dict, state: dict[str, torch.Tensor]) -> str:
 
 def lvm_fingerprint(lvm: LVM) -> str:
     return state_fingerprint(lvm.config.to_dict(), lvm.state_dict())
+
+
+# LVMConfig fields added after bundles were first written, with the value that leaves the model as it was: a bundle
+# from before a field existed recorded the fingerprint of a config without it, and must still load (and one with the
+# field at another value must not match that fingerprint)
+LATER_LVM_FIELDS = {"prefix_lm": False}
+
+
+def older_lvm_fingerprint(lvm: LVM) -> str:
+    """``lvm_fingerprint`` as a toolkit from before ``LATER_LVM_FIELDS`` computed it (those at their neutral value
+    left out of the config)."""
+    config = {k: v for k, v in lvm.config.to_dict().items() if k not in LATER_LVM_FIELDS or LATER_LVM_FIELDS[k] != v}
+    return state_fingerprint(config, lvm.state_dict())
 
 
 def bundle_id(fingerprints: dict[str, str], classes: Sequence[str]) -> str:

@@ -376,3 +376,27 @@ def test_mirror_needs_a_linear_head_a_flippable_domain_and_a_boolean(tiny_pipeli
     (tmp_path / "b" / "bundle.json").write_text(json.dumps({**meta, "mirror": "yes"}))
     with pytest.raises(BundleError, match="mirror"):
         Classifier.from_pretrained(tmp_path / "b")
+
+
+def test_a_bundle_from_before_a_later_lvm_config_field_still_loads(bundle, tmp_path):
+    """Bundles written before LVMConfig.prefix_lm existed fingerprinted their LVM's config without it; they load, and
+    a config that sets the field otherwise (a different model) is still refused against that fingerprint."""
+    from lvm.classifier import bundle_id, state_fingerprint
+
+    out, _ = bundle
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    config = json.loads((old / "lvm" / "config.json").read_text())
+    config.pop("prefix_lm")  # as the toolkit wrote it then
+    (old / "lvm" / "config.json").write_text(json.dumps(config))
+    clf = Classifier.from_pretrained(out)
+    meta = json.loads((old / "bundle.json").read_text())
+    meta["fingerprints"]["lvm"] = state_fingerprint(config, clf.lvm.state_dict())
+    meta["bundle_id"] = bundle_id(meta["fingerprints"], meta["classes"])
+    (old / "bundle.json").write_text(json.dumps(meta))
+    loaded = Classifier.from_pretrained(old)
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 1), dtype=np.uint8)
+    np.testing.assert_allclose(loaded.predict(images)[1], clf.predict(images)[1], atol=1e-6)
+    (old / "lvm" / "config.json").write_text(json.dumps({**config, "prefix_lm": True}))
+    with pytest.raises(BundleMismatch, match="fingerprint"):
+        Classifier.from_pretrained(old)
