@@ -8,7 +8,7 @@ through ``F.scaled_dot_product_attention`` over the whole packed row and the los
 dispatch and fused linear+CE, bf16 autocast, attention restricted to each packed sentence (what
 ``lvm train`` does by default), and torch.compile. All rungs start from the same weights and see the
 same batches; they alternate in rounds so machine noise hits all alike, and the figure is the ratio
-of median tokens/s. Writes ``bench/results/train_step-<device>.json`` and ``.md``.
+of median tokens/s. Writes ``bench/results/train_step-<device>[-<preset>].json`` and ``.md`` (no suffix for ``small``).
 """
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
                   for (name, *_), med, t in zip(rungs, medians, tps)],
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    name = f"train_step-{device.type}"
+    name = f"train_step-{device.type}" + (f"-{args.preset}" if args.preset != "small" else "")
     lines = [
         f"# Training step: our levers one by one vs plain eager PyTorch ({result['device']}, {result['threads']} threads)",
         "",
