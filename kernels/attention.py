@@ -37,6 +37,8 @@ def flash_attention(
 
     ``segment_ids`` [B, N] (integers, non-decreasing along N) packs several sentences into one
     row: a token attends only to tokens of its own sentence, so packed rows need no padding.
+    Shape, dtype and device are always checked; the order only on CPU (reading values would cost a
+    host sync per call on a GPU), so GPU callers must build the ids in order, as the model does.
     """
     path = resolve_backend(backend, q.device, "flash_attention")
     if segment_ids is not None:

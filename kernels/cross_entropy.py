@@ -206,7 +206,7 @@ def _chunk_loop(hidden, weight, bias, target, opt, scale=1.0, row_scale=None, wa
     for start in range(0, n, opt.chunk_size):
         stop = min(start + opt.chunk_size, n)
         h = hidden[start:stop]  # [C, D]
-        logits = F.linear(h, weight, bias).float()  # [C, V], fp32 from here on
+        logits = _chunk_logits(h, weight, bias)  # [C, V], fp32 from here on
         rs = None if row_scale is None else row_scale[start:stop]
         losses[start:stop], d_logits = opt.softmax_step(logits, target[start:stop], opt, scale, rs, want_grads)
         del logits  # the step may have written d_logits elsewhere; let the logits buffer go
@@ -215,10 +215,7 @@ def _chunk_loop(hidden, weight, bias, target, opt, scale=1.0, row_scale=None, wa
         d_bias_chunk = d_logits.sum(dim=0) if d_bias is not None else None  # [V], fp32
         d_logits = d_logits.to(hidden.dtype)  # [C, V]; no copy for fp32 inputs
         torch.mm(d_logits, weight, out=d_hidden[start:stop])  # [C, D]
-        if d_logits.dtype == torch.float32:
-            d_weight.addmm_(d_logits.t(), h)  # [V, D]
-        else:
-            d_weight += (d_logits.t() @ h).float()
+        _add_d_weight(d_weight, d_logits, h)
         if d_bias is not None:
             d_bias += d_bias_chunk
     if not want_grads:
@@ -229,6 +226,19 @@ def _chunk_loop(hidden, weight, bias, target, opt, scale=1.0, row_scale=None, wa
         d_bias.to(bias.dtype) if d_bias is not None else None,
     )
     return losses, grads
+
+
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """fp32 logits of one chunk [C, V]; half inputs take the matmul in their dtype, then widen."""
+    return F.linear(h, weight, bias).float()
+
+
+def _add_d_weight(d_weight: torch.Tensor, d_logits: torch.Tensor, h: torch.Tensor) -> None:
+    """d_weight [V, D] (fp32) += d_logits.T @ h for one chunk."""
+    if d_logits.dtype == torch.float32:
+        d_weight.addmm_(d_logits.t(), h)
+    else:
+        d_weight += (d_logits.t() @ h).float()
 
 
 # --------------------------------------------------------------------------------------------

@@ -153,8 +153,8 @@ def test_bad_segment_ids_are_rejected_by_name(backend):
         (good[:, :7], r"\[B, N\] = \[2, 8\]"),
         (good[0], r"\[B, N\]"),
         (good.float(), "integers"),
-        (torch.tensor([[0, 0, 1, 1, 0, 2, 2, 2]] * 2, device=DEVICE), "non-decreasing"),
-    ]:
+    ] + ([(torch.tensor([[0, 0, 1, 1, 0, 2, 2, 2]] * 2), "non-decreasing")] if DEVICE == "cpu" else []):
+        # the order check reads values, a host sync per call on a GPU: it runs on CPU only (see the docstring)
         with pytest.raises(ValueError, match="segment_ids") as info:
             flash_attention(q, q, q, backend=backend, segment_ids=bad)
         assert info.match(why)
