@@ -39,7 +39,7 @@ DKDV = [(32, 128, 4, 3), (32, 64, 8, 3), (64, 128, 8, 3), (64, 128, 8, 2), (32, 
         (16, 128, 4, 3), (128, 128, 8, 2)]
 ATTN_SHAPES = [(4, 16, 4096, 64), (4, 16, 4096, 128), (16, 12, 512, 64)]  # causal; the last is the base preset's
 CE_SHAPES = [(4096, 1024, 65536), (8192, 2048, 65536), (4096, 1024, 16384), (8160, 768, 1004)]
-CE_CHUNKS = [None, 1024, 4096]  # rows per chunk; None = the default (~64 MB of fp32 logits)
+CE_CHUNKS = [None, 256, 1024, 4096]  # rows per chunk; None = the default (CE's GPU_CHUNK_BYTES of fp32 logits)
 # --dry-run: the same code on CPU under TRITON_INTERPRET=1, tiny fp32 shapes, two candidates per kernel,
 # so the sweep's plumbing is checked before it spends a GPU lease
 DEVICE, DTYPE = torch.device("cuda"), torch.bfloat16
@@ -174,6 +174,18 @@ def _best(rows: list[Row]) -> tuple:
 # ----------------------------------------------------------------------------------------------
 
 
+def _logits_widen(h, weight, bias):
+    """The matmul in the inputs' dtype, then a separate pass to fp32 (the CPU path; the GPU one before the sweep)."""
+    return F.linear(h, weight, bias).float()
+
+
+def _add_d_weight_widen(d_weight, d_logits, h):
+    if d_logits.dtype == torch.float32:
+        d_weight.addmm_(d_logits.t(), h)
+    else:
+        d_weight += (d_logits.t() @ h).float()
+
+
 def _logits_fp32_out(h, weight, bias):
     """cuBLAS writes fp32 logits straight from bf16 inputs (no bf16 rounding, no widening pass)."""
     out = torch.mm(h, weight.t(), out_dtype=torch.float32)
@@ -189,7 +201,7 @@ def _add_d_weight_fp32_out(d_weight, d_logits, h):
 
 
 MATMUL_MODES = {
-    "widen": (ce._chunk_logits, ce._add_d_weight),
+    "widen": (_logits_widen, _add_d_weight_widen),
     "fp32 out": (_logits_fp32_out, _add_d_weight_fp32_out),
 }
 
@@ -209,7 +221,8 @@ def sweep_ce(n: int, d: int, v: int, chunks: list[int | None]) -> list[Row]:
     ref = (hg.grad.float(), wg.grad.float())
     t_naive = _time(naive)
     rows = [Row("CE fwd+bwd, naive", shape, "logits + F.cross_entropy", t_naive, None, 1.0)]
-    default_chunk = ce.default_chunk_size(n, v)
+    default_chunk = ce.default_chunk_size(n, v, DEVICE.type == "cuda")
+    default_mode = "fp32 out" if DEVICE.type == "cuda" else "widen"  # what kernels/cross_entropy.py does
     cands = []
     for mode in MATMUL_MODES:
         for chunk in chunks:
@@ -220,7 +233,7 @@ def sweep_ce(n: int, d: int, v: int, chunks: list[int | None]) -> list[Row]:
     ce_rows = []
     for mode, chunk, rows_c in cands:
         row = Row("CE fwd+bwd, ours", shape, f"{mode}, chunk {rows_c} rows ({rows_c * v * 4 / 2**20:.0f} MiB)",
-                  default=mode == "widen" and chunk is None)
+                  default=mode == default_mode and chunk is None)
         saved = (ce._chunk_logits, ce._add_d_weight)
         ce._chunk_logits, ce._add_d_weight = MATMUL_MODES[mode]
         try:
@@ -258,9 +271,9 @@ def render(header: dict, rows: list[Row], winners: dict) -> str:
         "defaults; 'vs default' = default ms / row ms, 'vs torch' = SDPA (forward) or naive logits + "
         "F.cross_entropy ms / row ms, same run. Backward rows time the dK/dV + dQ pair (one of them varied); "
         "the 'fwd+bwd' rows time the per-kernel winners together against SDPA. max err: largest |difference| "
-        "from torch's output or gradients. CE modes: 'widen' (the default) takes each chunk's matmuls in the "
+        "from torch's output or gradients. CE modes: 'widen' takes each chunk's matmuls in the "
         "inputs' dtype and widens to fp32 in a separate pass; 'fp32 out' has cuBLAS write fp32 logits and "
-        "accumulate d_weight in fp32 itself (CUDA only).",
+        "accumulate d_weight in fp32 itself (CUDA only; the GPU default since this sweep).",
         "",
         "| kernel | shape | knobs | ms | vs default | vs torch | max err | status |",
         "|---|---|---|---:|---:|---:|---:|---|",

@@ -208,13 +208,20 @@ class _Tiles:
     num_stages: int = 2
 
 
+# GPU tiles for half types are the winners of bench.kernel_tiles on an H200 (bench/results/
+# tiles-nvidia-h200.md, causal, N = 512 and 4096): where two candidates were within noise, the
+# one that also won at the model's own N = 512 was kept.
+
+
 def _fwd_tiles(D: int, dtype: torch.dtype, on_gpu: bool) -> _Tiles:
-    """Forward and dQ tiles: wide query tile, narrower K/V tiles (BLOCK_M % BLOCK_N == 0)."""
+    """Forward tiles: a query tile at least as wide as the K/V tile (BLOCK_M % BLOCK_N == 0)."""
     if not on_gpu:  # interpreter: few, mid-sized programs are what runs fastest under numpy
         return _Tiles(32, 16)
     if dtype == torch.float32:  # 4-byte tiles: halve them to stay inside shared memory
         return _Tiles(64, 32, num_warps=4, num_stages=2)
-    return _Tiles(128, 64, num_warps=4 if D <= 64 else 8, num_stages=3)
+    if D <= 64:
+        return _Tiles(128, 64, num_warps=4, num_stages=4)
+    return _Tiles(64, 64, num_warps=4, num_stages=3)
 
 
 def _dq_tiles(D: int, dtype: torch.dtype, on_gpu: bool) -> _Tiles:
@@ -223,7 +230,9 @@ def _dq_tiles(D: int, dtype: torch.dtype, on_gpu: bool) -> _Tiles:
         return _Tiles(32, 16)
     if dtype == torch.float32:
         return _Tiles(64, 32, num_warps=4, num_stages=2)
-    return _Tiles(128 if D <= 64 else 64, 32, num_warps=4 if D <= 64 else 8, num_stages=3)
+    if D <= 64:
+        return _Tiles(128, 32, num_warps=4, num_stages=3)
+    return _Tiles(128, 64, num_warps=8, num_stages=3)
 
 
 def _dkdv_tiles(D: int, dtype: torch.dtype, on_gpu: bool) -> _Tiles:
@@ -232,7 +241,9 @@ def _dkdv_tiles(D: int, dtype: torch.dtype, on_gpu: bool) -> _Tiles:
         return _Tiles(16, 32)
     if dtype == torch.float32:
         return _Tiles(16, 64, num_warps=4, num_stages=2)
-    return _Tiles(32, 128 if D <= 64 else 64, num_warps=4 if D <= 64 else 8, num_stages=3)
+    if D <= 64:
+        return _Tiles(64, 64, num_warps=4, num_stages=3)
+    return _Tiles(64, 128, num_warps=8, num_stages=3)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

@@ -165,6 +165,7 @@ def test_default_chunk_keeps_logits_buffer_near_64mb():
     assert default_chunk_size(4096, 65536) == 256  # 256 * 65536 * 4 B = 64 MiB
     assert default_chunk_size(10, 65536) == 10
     assert default_chunk_size(10**6, 10**9) == 1
+    assert default_chunk_size(4096, 65536, on_gpu=True) == 1024  # GPU: 256 MiB chunks (the H200 sweep's pick)
 
 
 @pytest.mark.gpu
