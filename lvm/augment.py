@@ -54,10 +54,14 @@ def augmented_views(tok: "Tokenizer", images: np.ndarray, views: int, flip: bool
     return torch.stack(out)  # [V, N, h*w]
 
 
+def mirror_images(images: np.ndarray) -> np.ndarray:
+    """Every image of ``[N, H, W, C]`` mirrored left-right, contiguous (tokenizers and pixel readers take it as is)."""
+    return np.ascontiguousarray(images[:, :, ::-1])
+
+
 def mirrored_view(tok: "Tokenizer", images: np.ndarray) -> torch.Tensor:
     """Token ids ``[1, N, h*w]`` of every image mirrored left-right."""
-    mirrored = np.ascontiguousarray(images[:, :, ::-1])
-    return tok.encode(mirrored).reshape(len(images), -1).long()[None]
+    return tok.encode(mirror_images(images)).reshape(len(images), -1).long()[None]
 
 
 def token_views(tok: "Tokenizer", images: np.ndarray, views: int = 0, flip: bool = True, seed: int = 0

@@ -14,11 +14,12 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
+from lvm.augment import mirror_images
 from lvm.checkpoint import load_model_and_tokenizer
 from lvm.classifier import Classifier, LinearHead, head_config, truncate_lvm
 from lvm.data import SpecialTokens
 from lvm.probe import (LINEAR_VAL_FRACTION, METHODS, POOLS, LinearProbe, ProbeConfig, ProbeError, pick_layer,
-                       pixel_features, readout_features, readout_name, refits_head)
+                       pixel_features, readout_features, readout_name, refits_head, refuse_mirror_without_flip)
 from lvm.runtime import check_precision
 from tokenizer.images import ImageSet, load_images
 
@@ -71,9 +72,7 @@ class ClassifierTrainConfig:
         if self.mirror and self.method != "linear":
             raise ProbeError(f"--mirror is a linear head's option; --method {self.method} learns from flips through "
                              "--flip instead.")
-        if self.mirror and not self.flip:
-            raise ProbeError("--mirror fits and predicts on mirrored images, and --no-flip says this domain's mirrored "
-                             "images may change class: drop one of them.")
+        refuse_mirror_without_flip(self.mirror, self.flip)
         if self.layer < 0:
             raise ProbeError(f"--layer {self.layer} must be >= 1, or 0 to choose it on train images.")
         if self.layers and (self.layer or min(self.layers) < 1 or len(set(self.layers)) != len(self.layers)):
@@ -118,7 +117,7 @@ def classifier_train(cfg: ClassifierTrainConfig) -> dict:
     pixels = pixel_features(train_set) if cfg.pixels else None
     mirrored = None
     if cfg.mirror:  # the linear head also fits on the mirror images: their ids (and pixels), after the originals'
-        flipped = replace(train_set, images=np.ascontiguousarray(train_set.images[:, :, ::-1]))
+        flipped = replace(train_set, images=mirror_images(train_set.images))
         mirrored = (tok.encode(flipped.images), pixel_features(flipped) if cfg.pixels else None)
     lvm, head, metrics = _fit_head(cfg, model, ids, labels, special, layer, len(classes), views, pixels,
                                    (tok.config.channels, tok.config.image_size), mirrored)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm.auto import tqdm
 
+from lvm.augment import mirror_images
 from lvm.checkpoint import load_model_and_tokenizer, require_same_tokenizer
 from lvm.data import SpecialTokens, image_rows
 from lvm.model import LVM
@@ -47,6 +48,13 @@ METHODS = ("linear", "attentive", "finetune")
 
 class ProbeError(ValueError):
     """A probe that cannot run as asked (e.g. unlabeled data); the message says what to pass instead."""
+
+
+def refuse_mirror_without_flip(mirror: bool, flip: bool) -> None:
+    """``--mirror`` with ``--no-flip`` contradict each other; probe and classifier-train refuse them alike."""
+    if mirror and not flip:
+        raise ProbeError("--mirror fits and predicts on mirrored images, and --no-flip says this domain's mirrored "
+                         "images may change class: drop one of them.")
 
 
 @dataclass
@@ -198,9 +206,7 @@ def _check_config(cfg: ProbeConfig) -> None:
                          "e.g. --layers 4 5 6 --concat.")
     if cfg.mirror and "linear" not in cfg.methods:
         raise ProbeError(f"mirror is a linear-probe option; add linear to --methods (got {cfg.methods}).")
-    if cfg.mirror and not cfg.flip:
-        raise ProbeError("mirror fits and predicts on mirrored images, and --no-flip says this domain's mirrored images "
-                         "may change class: drop one of them.")
+    refuse_mirror_without_flip(cfg.mirror, cfg.flip)
     if cfg.concat and "finetune" in cfg.methods:
         raise ProbeError("concat is a read-out of frozen states (linear, attentive); fine-tuning trains up to one "
                          "layer: drop --concat or run --methods finetune separately.")
@@ -245,7 +251,7 @@ def _encode_task(cfg: ProbeConfig, tok: Tokenizer, train_set: ImageSet, test_set
     task = ProbeTask(SpecialTokens(tok.vocab_size), tok.encode(train_set.images), train_set.labels,
                      tok.encode(test_set.images), test_set.labels, views, *pixels)
     if cfg.mirror:
-        mirrored = [replace(s, images=np.ascontiguousarray(s.images[:, :, ::-1])) for s in (train_set, test_set)]
+        mirrored = [replace(s, images=mirror_images(s.images)) for s in (train_set, test_set)]
         task.mirror_ids = tuple(tok.encode(s.images) for s in mirrored)
         if cfg.pixels != "off":
             task.mirror_pixels = tuple(pixel_features(s) for s in mirrored)
