@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from kernels import fused_linear_cross_entropy, linear_cross_entropy_reference
-from kernels.cross_entropy import default_chunk_size
+from kernels.cross_entropy import default_chunk_size, plain_linear_cross_entropy
 from kernels.dispatch import triton_usable
 
 IGNORE = -100
@@ -62,9 +62,8 @@ def loss_and_grads(fn, h, w, t, b, **kw):
     return loss, grads
 
 
-def assert_no_worse_than_naive(h, w, t, b, backend, chunk_size=None, **kw):
-    ours, g_ours = loss_and_grads(fused_linear_cross_entropy, h, w, t, b, backend=backend,
-                                  chunk_size=chunk_size, **kw)
+def assert_no_worse_than_naive(h, w, t, b, backend, chunk_size=None, fn=fused_linear_cross_entropy, **kw):
+    ours, g_ours = loss_and_grads(fn, h, w, t, b, backend=backend, chunk_size=chunk_size, **kw)
     naive, g_naive = loss_and_grads(linear_cross_entropy_reference, h, w, t, b, **kw)
     hd, wd, bd = (None if x is None else x.detach().double().requires_grad_() for x in (h, w, b))
     exact, g_exact = loss_and_grads(truth, hd, wd, t, bd, **kw)
@@ -166,6 +165,33 @@ def test_default_chunk_keeps_logits_buffer_near_64mb():
     assert default_chunk_size(10, 65536) == 10
     assert default_chunk_size(10**6, 10**9) == 1
     assert default_chunk_size(4096, 65536, on_gpu=True) == 1024  # GPU: 256 MiB chunks (the H200 sweep's pick)
+
+
+def _plain(h, w, t, b=None, backend=None, chunk_size=None, **kw):
+    return plain_linear_cross_entropy(h, w, t, b, **kw)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_plain_path_for_small_vocabularies_meets_the_same_rule(reduction):
+    """What backend="auto" runs on a GPU when the whole logits fit in one small chunk: as exact as naive, and
+    every target ignored gives 0 (not NaN, as F.cross_entropy's mean would), like the fused paths."""
+    h, w, t, b = make_inputs(37, 16, 1003, torch.float32, bias=True)
+    assert_no_worse_than_naive(h, w, t, b, None, fn=_plain, reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
+    h, w, t, b = make_inputs(37, 16, 1003, torch.float32, bias=True, ignore_frac=1.0)
+    loss = plain_linear_cross_entropy(h, w, t, b, reduction=reduction)
+    loss.sum().backward()
+    assert torch.count_nonzero(loss) == 0 and torch.isfinite(loss).all()
+    assert all(torch.count_nonzero(x.grad) == 0 for x in (h, w, b))
+
+
+@pytest.mark.gpu
+def test_gpu_auto_takes_the_plain_path_only_for_small_logits():
+    h, w, t, b = make_inputs(512, 64, 1004, torch.bfloat16, bias=False)  # 2 MiB of fp32 logits
+    torch.testing.assert_close(fused_linear_cross_entropy(h, w, t), plain_linear_cross_entropy(h, w, t), rtol=0, atol=0)
+    assert_no_worse_than_naive(h, w, t, b, "auto")
+    assert_no_worse_than_naive(h, w, t, b, "triton")  # named outright: the kernel itself
+    h, w, t, b = make_inputs(1024, 64, 32000, torch.bfloat16, bias=False)  # 125 MiB: the fused path
+    assert_no_worse_than_naive(h, w, t, b, "auto")
 
 
 @pytest.mark.gpu
