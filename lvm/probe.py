@@ -35,7 +35,7 @@ from lvm.augment import mirror_images
 from lvm.checkpoint import load_model_and_tokenizer, require_same_tokenizer
 from lvm.data import SpecialTokens, image_rows
 from lvm.model import LVM
-from lvm.runtime import PRECISIONS, mixed_precision
+from lvm.runtime import PRECISIONS, mixed_precision, pick_device
 from tokenizer.images import ImageSet, image_set_source, load_images
 from tokenizer.splits import DEFAULT_TEST_FRACTION, align_labels, find_overlap
 
@@ -104,8 +104,17 @@ class ProbeConfig:
     finetune_ema: float = 0.0  # fine-tuning: EMA decay of the weights that are validated and kept (0: off)
     batch_size: int = 256
     precision: str = "auto"  # features, heads, fine-tuning: auto (bf16 on CUDA and AMX CPUs), bf16, fp32
+    device: str = "auto"  # where the LVM extracts features: auto (a CUDA GPU when there is one and every method is linear), cpu, cuda
     seed: int = 0
     out: str = "runs/probe"
+
+
+def probe_device(cfg: "ProbeConfig") -> torch.device:
+    """Where the LVM's forward runs: ``auto`` takes a CUDA GPU only when every method is the linear probe (the
+    attentive and fine-tuning probes train on the CPU, beside their data), so a default run never splits."""
+    if cfg.device == "auto":
+        return pick_device("auto") if set(cfg.methods) <= {"linear"} else torch.device("cpu")
+    return pick_device(cfg.device)
 
 
 def refits_head(cfg: "ProbeConfig") -> bool:
@@ -125,6 +134,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
     probe was fitted on images and their mirrors and predicts from both (a bundle must average them too)."""
     _check_config(cfg)
     model, tok, ckpt = load_model_and_tokenizer(cfg.checkpoint, cfg.tokenizer)
+    device = probe_device(cfg)
     train_set, test_set = _labelled_sets(cfg, tok)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -135,6 +145,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
     kept: dict = {}  # the checkpoint's 100 %-labels linear probe on its first layer, for a classifier bundle
     first = None
     for name, m in _models_to_probe(cfg, model, tok, ckpt).items():
+        m = m.to(device)  # features come back to the CPU, where the heads are fitted
         sweep: dict[int, torch.Tensor] = {}  # the chosen layer's features on the sweep's images
         layers = cfg.layers or [_choose_layer(name, m, task, cfg, results, sweep)]
         # concat: in increasing order, as a bundle reads them (lvm.classifier: the LVM's states side by side)
@@ -189,6 +200,12 @@ def _check_config(cfg: ProbeConfig) -> None:
         raise ProbeError(f"methods {cfg.methods} must be a non-empty list drawn from {METHODS}.")
     if cfg.precision not in PRECISIONS:
         raise ProbeError(f"precision={cfg.precision!r} is not one of {', '.join(PRECISIONS)}.")
+    if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
+        raise ProbeError(f"device={cfg.device!r} is not one of auto, cpu, cuda.")
+    if cfg.device.startswith("cuda") and set(cfg.methods) - {"linear"}:
+        raise ProbeError(f"--device {cfg.device} runs the linear probe's feature extraction on the GPU; the attentive "
+                         f"and fine-tuning probes run on the CPU: pass --methods linear, or --device cpu "
+                         f"(got --methods {' '.join(cfg.methods)}).")
     bad = [f for f in cfg.fractions if not 0 < f <= 1]
     if bad:
         raise ProbeError(f"fractions {bad} must lie in (0, 1].")

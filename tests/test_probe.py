@@ -397,3 +397,25 @@ def test_probe_mirror_with_pixels_both_mirrors_the_pixels_too(tiny_pipeline, tmp
         assert torch.equal(ids, tok.encode(np.ascontiguousarray(mirrored)))
         torch.testing.assert_close(pixels, torch.from_numpy(mirrored.reshape(len(mirrored), -1) / 255.0).float())
     assert not torch.equal(task.mirror_pixels[0], task.train_pixels)
+
+
+def test_probe_device_runs_linear_probes_on_a_gpu_and_keeps_other_methods_on_the_cpu(tiny_pipeline, tmp_path):
+    from lvm.probe import probe_device
+
+    common = dict(checkpoint=tiny_pipeline["lvm"], source=tiny_pipeline["npz"], out=str(tmp_path))
+    assert probe_device(ProbeConfig(**common, methods=["linear", "attentive"])) == torch.device("cpu")
+    assert probe_device(ProbeConfig(**common, device="cpu")) == torch.device("cpu")
+    with pytest.raises(ProbeError, match="--methods linear"):
+        run_probe(ProbeConfig(**common, methods=["linear", "finetune"], device="cuda"))
+    with pytest.raises(ProbeError, match="device='tpu'"):
+        run_probe(ProbeConfig(**common, device="tpu"))
+
+
+@pytest.mark.gpu
+def test_probe_on_the_gpu_scores_what_the_cpu_scores(tiny_pipeline, tmp_path):
+    common = dict(checkpoint=tiny_pipeline["lvm"], source=tiny_pipeline["npz"], fractions=[1.0], layers=[1],
+                  baselines=False, random_init=False, precision="fp32")
+    rows = {d: run_probe(ProbeConfig(**common, device=d, out=str(tmp_path / d)))["rows"] for d in ("cpu", "cuda")}
+    assert [r["features"] for r in rows["cpu"]] == [r["features"] for r in rows["cuda"]]
+    for a, b in zip(rows["cpu"], rows["cuda"]):
+        assert abs(a["acc_mean"] - b["acc_mean"]) <= 0.02
