@@ -6,9 +6,18 @@
 #   .claim/tok_domain/, .claim/tok_ood/   the two CPU-trained tokenizers (their weights and config)
 #
 #   bash bench/gpu_claim_prep.sh runs/pretrain-levers/amx_default13/tokenizer runs/pretrain-levers/ood_amx_default13/tokenizer
+#   bash bench/gpu_claim_prep.sh          # no tokenizers at hand: trains both here first (the AMX default's recipe,
+#                                         # 14x14 tokens, 1,000 steps; a few minutes each on 2 cores)
 set -eu -o pipefail
-DOMAIN_TOK=${1:?usage: bash bench/gpu_claim_prep.sh DOMAIN_TOKENIZER OOD_TOKENIZER}
-OOD_TOK=${2:?usage: bash bench/gpu_claim_prep.sh DOMAIN_TOKENIZER OOD_TOKENIZER}
+DOMAIN_TOK=${1:-} OOD_TOK=${2:-}
+if [ -z "$DOMAIN_TOK" ]; then
+    for pair in domain:fashion-mnist ood:skimage-crops; do
+        name=${pair%%:*}
+        lvm tokenizer-train --data "${pair#*:}" --out-dir "runs/claim-tokenizers/$name" --image-size 28 --channels 1 \
+            --steps 1000 --batch-size 128 --eval-holdout 500 --grid 14 --no-progress
+    done
+    DOMAIN_TOK=runs/claim-tokenizers/domain OOD_TOK=runs/claim-tokenizers/ood
+fi
 FMNIST=${LVM_FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}
 grep -qx "/.claim/" .git/info/exclude 2>/dev/null || echo "/.claim/" >> .git/info/exclude
 rm -rf .claim && mkdir -p .claim/wheels .claim/fashion-mnist
