@@ -82,18 +82,9 @@ def linear_cross_entropy_reference(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
 ) -> torch.Tensor:
-    """Naive logits + ``F.cross_entropy``: the twin the fused paths are checked against."""
-    logits = F.linear(hidden, weight, bias).float()  # [N, V]
-    loss = F.cross_entropy(
-        logits, target, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
-    )
-    if z_loss:
-        loss = loss + z_loss * torch.logsumexp(logits, dim=-1).square() * (target != ignore_index)
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / (target != ignore_index).sum()  # NaN when all ignored, like F.cross_entropy
+    """Naive logits + ``F.cross_entropy``: the twin the fused paths are checked against (its mean is NaN when
+    every target is ignored, like ``F.cross_entropy``'s)."""
+    return _full_logits_ce(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, 0)
 
 
 def plain_linear_cross_entropy(
@@ -108,6 +99,12 @@ def plain_linear_cross_entropy(
 ) -> torch.Tensor:
     """Full logits + ``F.cross_entropy`` with the fused paths' conventions (fp32 loss; 0.0, not NaN, when every
     target is ignored; no host sync): what small vocabularies take on a GPU."""
+    return _full_logits_ce(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, 1)
+
+
+def _full_logits_ce(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss,
+                    min_count: int) -> torch.Tensor:
+    """The ``[N, V]`` fp32 logits path; the mean divides by max(valid targets, ``min_count``)."""
     logits = F.linear(hidden, weight, bias).float()  # [N, V]
     loss = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
     valid = target != ignore_index
@@ -117,7 +114,7 @@ def plain_linear_cross_entropy(
         return loss
     if reduction == "sum":
         return loss.sum()
-    return loss.sum() / valid.sum().clamp_min(1)
+    return loss.sum() / valid.sum().clamp_min(min_count)
 
 
 def default_chunk_size(n_tokens: int, vocab: int, on_gpu: bool = False) -> int:
