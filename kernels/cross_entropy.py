@@ -27,10 +27,10 @@ from kernels.dispatch import HAS_TRITON, resolve_backend
 
 REDUCTIONS = ("mean", "sum", "none")
 CHUNK_BYTES = 64 * 2**20  # fp32 logits per chunk; a few such buffers live at once
-# On a GPU bigger chunks pay: 256 MiB runs 1.8-2.6x faster than 64 MiB at V = 65536 on an H200 and
-# still holds a quarter to an eighth of the naive path's logits (bench/results/tiles-nvidia-h200.md).
+# On a GPU bigger chunks pay: 256 MiB ran 1.8-2.0x faster than 64 MiB at V = 65536 on an H200 (2.5-2.6x with the
+# fp32 output below) and still holds a quarter to an eighth of the naive path's logits (bench/results/tiles-nvidia-h200.md).
 GPU_CHUNK_BYTES = 256 * 2**20
-# torch.mm/addmm(..., out_dtype=fp32): cuBLAS writes fp32 straight from half inputs (torch >= 2.8, CUDA only)
+# torch.mm/addmm(..., out_dtype=fp32): cuBLAS writes fp32 straight from half inputs (recent torch, CUDA only)
 _HAS_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.addmm, "dtype")
 
 
@@ -263,7 +263,7 @@ def _chunk_loop(hidden, weight, bias, target, opt, scale=1.0, row_scale=None, wa
 
 
 def _fp32_out(h: torch.Tensor) -> bool:
-    """Half inputs on CUDA: let cuBLAS write fp32 itself (1.2-1.7x faster than a separate widening pass
+    """Half inputs on CUDA: let cuBLAS write fp32 itself (up to 1.6x faster than a separate widening pass
     on an H200, and no bf16 rounding of logits or of each chunk's d_weight)."""
     return _HAS_OUT_DTYPE and h.is_cuda and h.dtype in (torch.float16, torch.bfloat16)
 
