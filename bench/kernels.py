@@ -377,7 +377,8 @@ def render_markdown(header: dict, rows: list[Row]) -> str:
             "",
         ]
     lines += [
-        f"Roofline (H100 SXM): {H100_BF16_TFLOPS:g} TFLOP/s dense bf16, {H100_HBM_TBPS:g} TB/s HBM3, so a kernel "
+        f"Roofline (H100 SXM; an H200 has the same tensor-core peak and 4.8 TB/s): {H100_BF16_TFLOPS:g} TFLOP/s dense "
+        f"bf16, {H100_HBM_TBPS:g} TB/s HBM3, so a kernel "
         f"is compute-bound above {H100_BF16_TFLOPS / H100_HBM_TBPS:.0f} FLOP/byte. Attention forward does "
         "4·B·H·N²·D FLOPs (×0.5 causal, backward ×2.5) over ≈ 8·B·H·N·D bytes of bf16 q/k/v/o: ≈ N/2 FLOP/byte, "
         "compute-bound for N ≥ 1024. Fused CE does 2·N·D·V (fwd) / 6·N·D·V (fwd+bwd) FLOPs; the naive path also "
