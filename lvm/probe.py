@@ -258,12 +258,12 @@ def _labelled_sets(cfg: ProbeConfig, tok: Tokenizer) -> tuple[ImageSet, ImageSet
 
 
 def _encode_task(cfg: ProbeConfig, tok: Tokenizer, train_set: ImageSet, test_set: ImageSet) -> ProbeTask:
-    views = None
-    if "finetune" in cfg.methods and (cfg.flip or cfg.finetune_views):
+    def finetune_views(idx: np.ndarray, seed: int) -> torch.Tensor:  # fine-tuning's augmentation, drawn per subset
         from lvm.augment import token_views
 
-        def views(idx: np.ndarray, seed: int) -> torch.Tensor:  # fine-tuning's augmentation, drawn per label subset
-            return token_views(tok, train_set.images[idx], cfg.finetune_views, flip=cfg.flip, seed=seed)
+        return token_views(tok, train_set.images[idx], cfg.finetune_views, flip=cfg.flip, seed=seed)
+
+    views = finetune_views if "finetune" in cfg.methods and (cfg.flip or cfg.finetune_views) else None
     pixels = (pixel_features(train_set), pixel_features(test_set)) if cfg.pixels != "off" else (None, None)
     task = ProbeTask(SpecialTokens(tok.vocab_size), tok.encode(train_set.images), train_set.labels,
                      tok.encode(test_set.images), test_set.labels, views, *pixels)
