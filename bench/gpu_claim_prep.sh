@@ -8,6 +8,7 @@
 #   bash bench/gpu_claim_prep.sh runs/pretrain-levers/amx_default13/tokenizer runs/pretrain-levers/ood_amx_default13/tokenizer
 #   bash bench/gpu_claim_prep.sh          # no tokenizers at hand: trains both here first (the AMX default's recipe,
 #                                         # 14x14 tokens, 1,000 steps; a few minutes each on 2 cores)
+# Run it from the repo root inside the project's virtual environment (`lvm` and pip on PATH).
 set -eu -o pipefail
 DOMAIN_TOK=${1:-} OOD_TOK=${2:-}
 if [ -z "$DOMAIN_TOK" ]; then
