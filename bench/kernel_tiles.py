@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -66,21 +67,26 @@ def _as_tuple(t: attn._Tiles) -> tuple:
     return (t.block_m, t.block_n, t.num_warps, t.num_stages)
 
 
-def _patched(name: str, tiles: attn._Tiles | None):
-    """Context: attn.<name> (the tile chooser one kernel launch reads) returns ``tiles``."""
-    class _Patch:
-        def __enter__(self):
-            self.saved = getattr(attn, name)
-            if tiles is not None:
-                setattr(attn, name, lambda D, dtype, on_gpu: tiles)
+@contextmanager
+def _patched(module, name: str, value):
+    """Inside the block ``module.<name>`` is ``value``: the kernels read their knobs through such module-level
+    choosers at every launch, so the sweep times the kernels' own code with one knob changed."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
 
-        def __exit__(self, *exc):
-            setattr(attn, name, self.saved)
-    return _Patch()
+
+def _tiles_patched(name: str, c: tuple):
+    """``attn.<name>`` (the tile chooser one kernel launch reads) returns the tiles ``c``."""
+    tiles = _tiles(c)
+    return _patched(attn, name, lambda D, dtype, on_gpu: tiles)
 
 
 def _time(fn: Callable[[], object]) -> float:
-    return time_ms(lambda: fn(), DEVICE, REPS, WARMUP)
+    return time_ms(fn, DEVICE, REPS, WARMUP)
 
 
 def sweep_attention(b: int, h: int, n: int, d: int, cands: dict[str, list[tuple]]) -> tuple[list[Row], dict]:
@@ -111,7 +117,7 @@ def sweep_attention(b: int, h: int, n: int, d: int, cands: dict[str, list[tuple]
         for c in ([defaults[name]] + [c for c in cands[name] if c != defaults[name]]):
             row = Row(kernel, shape, "m{} n{} w{} s{}".format(*c), default=c == defaults[name])
             try:
-                with _patched(name, _tiles(c)):
+                with _tiles_patched(name, c):
                     if name == "_fwd_tiles":
                         out, _ = attn._forward(q, k, v, None, None, True, scale)
                         row.max_err = (out.float() - ref["o"].float()).abs().max().item()
@@ -136,9 +142,9 @@ def sweep_attention(b: int, h: int, n: int, d: int, cands: dict[str, list[tuple]
         o2, lse2 = attn._forward(q, k, v, None, None, True, scale)
         attn._backward(do, q, k, v, o2, lse2, None, None, True, scale)
     t_default = _time(ours_fwd_bwd)
-    with _patched("_fwd_tiles", _tiles(winners["_fwd_tiles"])), \
-            _patched("_dkdv_tiles", _tiles(winners["_dkdv_tiles"])), \
-            _patched("_dq_tiles", _tiles(winners["_dq_tiles"])):
+    with _tiles_patched("_fwd_tiles", winners["_fwd_tiles"]), \
+            _tiles_patched("_dkdv_tiles", winners["_dkdv_tiles"]), \
+            _tiles_patched("_dq_tiles", winners["_dq_tiles"]):
         t_best = _time(ours_fwd_bwd)
     t_sdpa = t_sdpa_fwd + t_sdpa_bwd
     rows.append(Row("attention fwd+bwd, defaults", shape, "as in kernels/attention.py", t_default, 1.0,
@@ -174,36 +180,10 @@ def _best(rows: list[Row]) -> tuple:
 # ----------------------------------------------------------------------------------------------
 
 
-def _logits_widen(h, weight, bias):
-    """The matmul in the inputs' dtype, then a separate pass to fp32 (the CPU path; the GPU one before the sweep)."""
-    return F.linear(h, weight, bias).float()
-
-
-def _add_d_weight_widen(d_weight, d_logits, h):
-    if d_logits.dtype == torch.float32:
-        d_weight.addmm_(d_logits.t(), h)
-    else:
-        d_weight += (d_logits.t() @ h).float()
-
-
-def _logits_fp32_out(h, weight, bias):
-    """cuBLAS writes fp32 logits straight from bf16 inputs (no bf16 rounding, no widening pass)."""
-    out = torch.mm(h, weight.t(), out_dtype=torch.float32)
-    return out if bias is None else out.add_(bias.float())
-
-
-def _add_d_weight_fp32_out(d_weight, d_logits, h):
-    """d_weight += d_logits.T @ h with the sum kept in fp32 by cuBLAS (beta = 1), no [V, D] temporary."""
-    if d_logits.dtype == torch.float32:
-        d_weight.addmm_(d_logits.t(), h)
-    else:
-        torch.addmm(d_weight, d_logits.t(), h, out_dtype=torch.float32, out=d_weight)
-
-
-MATMUL_MODES = {
-    "widen": (_logits_widen, _add_d_weight_widen),
-    "fp32 out": (_logits_fp32_out, _add_d_weight_fp32_out),
-}
+# the two ways kernels/cross_entropy.py can take a chunk's matmuls, as the value its ``_fp32_out`` switch returns:
+# widen (the matmul in the inputs' dtype, then a separate pass to fp32: the CPU path, and the GPU one before this
+# sweep) or fp32 out (cuBLAS writes fp32 itself: logits, and d_weight accumulated with beta = 1; CUDA only)
+MATMUL_MODES = {"widen": False, "fp32 out": True}
 
 
 def sweep_ce(n: int, d: int, v: int, chunks: list[int | None]) -> list[Row]:
@@ -234,20 +214,21 @@ def sweep_ce(n: int, d: int, v: int, chunks: list[int | None]) -> list[Row]:
     for mode, chunk, rows_c in cands:
         row = Row("CE fwd+bwd, ours", shape, f"{mode}, chunk {rows_c} rows ({rows_c * v * 4 / 2**20:.0f} MiB)",
                   default=mode == default_mode and chunk is None)
-        saved = (ce._chunk_logits, ce._add_d_weight)
-        ce._chunk_logits, ce._add_d_weight = MATMUL_MODES[mode]
+        fp32_out = MATMUL_MODES[mode]
+
+        def ours():
+            hg.grad = wg.grad = None
+            ce.fused_linear_cross_entropy(hg, wg, target, chunk_size=rows_c, backend="triton").backward()
         try:
-            def ours():
-                hg.grad = wg.grad = None
-                ce.fused_linear_cross_entropy(hg, wg, target, chunk_size=rows_c, backend="triton").backward()
-            ours()
-            row.max_err = max((hg.grad.float() - ref[0]).abs().max().item(), (wg.grad.float() - ref[1]).abs().max().item())
-            row.ms = _time(ours)
+            with _patched(ce, "_fp32_out", lambda h: fp32_out):
+                ours()
+                row.max_err = max((hg.grad.float() - ref[0]).abs().max().item(),
+                                  (wg.grad.float() - ref[1]).abs().max().item())
+                row.ms = _time(ours)
             row.vs_torch = t_naive / row.ms
         except Exception as e:
             row.status = f"n/a: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
         finally:
-            ce._chunk_logits, ce._add_d_weight = saved
             if DEVICE.type == "cuda":
                 torch.cuda.empty_cache()
         ce_rows.append(row)
