@@ -151,7 +151,7 @@ def table_rows(args: argparse.Namespace) -> dict[str, Row]:
             rows[name] = Row(curve, role, block)
 
     for label, domain_path, ood_path in args.block:
-        for pixels, suffix in ((False, ""), (True, " + pixels")):
+        for pixels, suffix in ((False, ""), (True, PIXELS_SUFFIX)):
             for path, name, role in ((domain_path, "domain LVM", "domain"),
                                      (ood_path, "out-of-domain LVM (skimage crops)", "ood")):
                 add(curves(probe(path), {"lvm": f"{name}, {label}, linear{suffix}"}, pixels=pixels), role,

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm.auto import tqdm
 
-from lvm.augment import mirror_images
+from lvm.augment import mirror_images, token_views
 from lvm.checkpoint import load_model_and_tokenizer, require_same_tokenizer
 from lvm.data import SpecialTokens, image_rows
 from lvm.model import LVM
@@ -259,8 +259,6 @@ def _labelled_sets(cfg: ProbeConfig, tok: Tokenizer) -> tuple[ImageSet, ImageSet
 
 def _encode_task(cfg: ProbeConfig, tok: Tokenizer, train_set: ImageSet, test_set: ImageSet) -> ProbeTask:
     def finetune_views(idx: np.ndarray, seed: int) -> torch.Tensor:  # fine-tuning's augmentation, drawn per subset
-        from lvm.augment import token_views
-
         return token_views(tok, train_set.images[idx], cfg.finetune_views, flip=cfg.flip, seed=seed)
 
     views = finetune_views if "finetune" in cfg.methods and (cfg.flip or cfg.finetune_views) else None
