@@ -159,13 +159,15 @@ def sweep_attention(b: int, h: int, n: int, d: int, cands: dict[str, list[tuple]
 
 
 def _judge(rows: list[Row]) -> None:
-    """vs_default for each row; a candidate whose error is far above the default's is marked wrong."""
+    """vs_default for each row; a candidate whose error is far above the default's, or not a number, is marked
+    wrong."""
     base = next((r for r in rows if r.default and r.ms), None)
     for r in rows:
         if r.ms is None or base is None:
             continue
         r.vs_default = base.ms / r.ms
-        if r.max_err is not None and base.max_err is not None and r.max_err > 4 * base.max_err + 1e-2:
+        # written as "not <=" so that a NaN error (a tile reading memory it never wrote) counts as wrong too
+        if r.max_err is not None and base.max_err is not None and not r.max_err <= 4 * base.max_err + 1e-2:
             r.status = f"wrong: max error {r.max_err:.3g} vs default {base.max_err:.3g}"
 
 

@@ -38,3 +38,11 @@ def test_dry_run_writes_both_files_with_the_default_rows(tmp_path):
     assert {"attention fwd", "attention dK/dV", "attention dQ", "CE fwd+bwd, ours"} <= kernels
     md = (tmp_path / "tiles-cpu-cpu-dry-run.md").read_text()
     assert md.count("(default)") == 4 and "| attention fwd+bwd, winners |" in md
+
+
+def test_a_candidate_with_a_nan_error_is_wrong_too():
+    """A broken tile can leave memory unwritten: its error is then NaN, which no comparison with a bound catches."""
+    rows = [kt.Row("k", "s", "default", ms=1.0, max_err=1e-3, default=True),
+            kt.Row("k", "s", "nan", ms=0.5, max_err=float("nan")), kt.Row("k", "s", "good", ms=0.8, max_err=2e-3)]
+    kt._judge(rows)
+    assert [r.status.split(":")[0] for r in rows] == ["ok", "wrong", "ok"]
