@@ -143,6 +143,15 @@ LEVERS: dict[str, dict] = {
                              "why": f"{prefix}amx_default13 with 3,200 LVM steps instead of 1,923 (its tokenizer and "
                                     "shards; its own layer sweep): a point beyond the 30-minute default"}
        for prefix in ("", "ood_")},
+    # the same curve at 4x the default's LVM steps (7,700 of 8 rows, ~50 min of LVM training each on 2 AMX cores),
+    # probed as target 4 compares the pair: mirrored, the domain at 30 % (3 subsets) and 100 %, its twin at 100 %
+    **{f"{prefix}amx_7700": {"base": f"{prefix}amx_default13", "lvm_steps": 7700,
+                             "train": ["--batch-size", "8", "--compile"],
+                             "probe_protocol": [*fractions, "--mirror"],
+                             "why": f"{prefix}amx_default13 with 7,700 LVM steps instead of 1,923 (4x; its tokenizer "
+                                    "and shards; its own layer sweep; mirrored probe): the steps curve beyond 3,200"}
+       for prefix, fractions in (("", ["--fractions", "0.3", "1.0", "--seeds", "3"]),
+                                 ("ood_", ["--fractions", "1.0", "--seeds", "1"]))},
     # the steps saturated there; is it capacity? A wider LVM (6 x 384, ~2.2x the non-embedding parameters) at about
     # the default's LVM seconds, on the default's tokenizer and shards (the domain side only, first)
     "amx_wide384": {"base": "amx_default13", "lvm_steps": 1000,
