@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -152,6 +153,17 @@ LEVERS: dict[str, dict] = {
                                     "and shards; its own layer sweep; mirrored probe): the steps curve beyond 3,200"}
        for prefix, fractions in (("", ["--fractions", "0.3", "1.0", "--seeds", "3"]),
                                  ("ood_", ["--fractions", "1.0", "--seeds", "1"]))},
+    # the next point of that curve, 8x (15,400 steps): each 7,700-step LVM resumed with --steps 15400, so the LR
+    # steps back up to that cosine's midpoint (a warm restart) and decays again over 7,700 more steps of the same
+    # data order; ~50 min more per model on 2 AMX cores instead of ~1.7 h from scratch. Probed like amx_7700
+    **{f"{prefix}amx_15400": {"base": f"{prefix}amx_default13", "continue_from": f"{prefix}amx_7700",
+                              "lvm_steps": 15400, "train": ["--batch-size", "8", "--compile"],
+                              "probe_protocol": [*fractions, "--mirror"],
+                              "why": f"{prefix}amx_7700's LVM resumed to 15,400 steps (8x the default's; the LR back "
+                                     "up to the 15,400-step cosine's midpoint, then decayed; its own layer sweep; "
+                                     "mirrored probe): the steps curve beyond 4x"}
+       for prefix, fractions in (("", ["--fractions", "0.3", "1.0", "--seeds", "3"]),
+                                 ("ood_", ["--fractions", "1.0", "--seeds", "1"]))},
     # the steps saturated there; is it capacity? A wider LVM (6 x 384, ~2.2x the non-embedding parameters) at about
     # the default's LVM seconds, on the default's tokenizer and shards (the domain side only, first)
     "amx_wide384": {"base": "amx_default13", "lvm_steps": 1000,
@@ -270,7 +282,33 @@ def commands(name: str, out: Path, threads: int, probe_images: int) -> list[tupl
 def done(stage: str, run: Path) -> bool:
     marker = {"tokenizer": "tokenizer/eval.json", "lvm": "lvm/latest", "probe10": "probe10/probe.json"}
     path = run / marker.get(stage, f"{stage}/meta.json")
+    lever = LEVERS.get(run.name, {})
+    if stage == "lvm" and "continue_from" in lever and path.exists():  # seeded from another run: done at its steps
+        return trained_steps(run / "lvm") >= lever["lvm_steps"]
     return path.exists()
+
+
+def trained_steps(lvm: Path) -> int:
+    """The step of a training folder's latest checkpoint (0 when it has none)."""
+    state = lvm / "latest" / "trainer_state.json"
+    return int(json.loads(state.read_text())["step"]) if state.exists() else 0
+
+
+def seed_continuation(name: str, out: Path) -> None:
+    """A ``continue_from`` lever starts from a copy of that lever's finished LVM (its latest checkpoint and its
+    metrics, so the curve reads on); ``lvm train`` then resumes it to this lever's steps. The source is left as
+    it was, so its own probe stays valid."""
+    lvm, source = out / name / "lvm", out / LEVERS[name]["continue_from"] / "lvm"
+    if (lvm / "latest").exists():
+        return
+    if not done("lvm", source.parent) or not (source / "latest").exists():
+        sys.exit(f"[{name}] continues {source}, which has no finished LVM; run --levers "
+                 f"{LEVERS[name]['continue_from']} first")
+    checkpoint = (source / "latest").resolve()
+    lvm.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(checkpoint, lvm / checkpoint.name)
+    shutil.copy2(source / "metrics.jsonl", lvm / "metrics.jsonl")
+    (lvm / "latest").symlink_to(checkpoint.name)
 
 
 def run_lever(name: str, out: Path, threads: int, probe_images: int) -> None:
@@ -279,6 +317,8 @@ def run_lever(name: str, out: Path, threads: int, probe_images: int) -> None:
         run_stages(source, out, threads, probe_images, ("tokenizer", "tokens/train", "tokens/test"))
     if tok_source != source and not done("tokenizer", out / tok_source):  # and its tokenizer from there
         run_stages(tok_source, out, threads, probe_images, ("tokenizer",))
+    if "continue_from" in LEVERS[name]:
+        seed_continuation(name, out)
     run_stages(name, out, threads, probe_images)
 
 

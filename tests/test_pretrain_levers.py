@@ -133,3 +133,47 @@ def test_the_amx_pair_differs_only_in_its_pretraining_images_and_is_probed_on_ev
         assert cell["probe10"]["fractions"] == [0.01, 0.1, 0.3, 1.0] and cell["probe10"]["pixels"] == "both"
     assert ood["probe10"]["baselines"] and ood["probe10"]["supervised"] and not ood["probe10"]["random_init"]
     assert not dom["probe10"]["baselines"] and dom["probe10"]["layers"] == [5] and ood["probe10"]["layers"] == []
+
+
+def test_a_continued_lever_resumes_a_copy_of_its_source_and_leaves_the_source_as_it_was(tmp_path, monkeypatch):
+    """amx_15400 trains on to 15,400 steps from a copy of amx_7700's last checkpoint (the same shards, the same
+    recipe but the steps), is done only once its checkpoint reaches them, and refuses to start without the source."""
+    import json
+
+    import bench.pretrain_levers as pl
+
+    cont, src = _parsed("amx_15400"), _parsed("amx_7700")
+    assert {k: v for k, v in cont["lvm"].items() if src["lvm"][k] != v and "/x/" not in str(v)} == {"steps": 15400}
+    assert cont["lvm"]["data"] == src["lvm"]["data"] and cont["probe10"]["mirror"]
+    assert _parsed("ood_amx_15400")["lvm"]["data"] == "/x/ood_amx_default13/tokens/train"
+
+    def checkpoint(lvm: Path, step: int) -> None:
+        folder = lvm / f"ckpt-{step:06d}"
+        folder.mkdir(parents=True)
+        (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
+        (lvm / "latest").unlink(missing_ok=True)
+        (lvm / "latest").symlink_to(folder.name)
+
+    for stage in ("tokens/train", "tokens/test"):  # the base's shards exist
+        (tmp_path / "amx_default13" / stage).mkdir(parents=True)
+        (tmp_path / "amx_default13" / stage / "meta.json").write_text("{}")
+    calls = []
+    monkeypatch.setattr(pl.subprocess, "call", lambda argv, **kw: calls.append(argv[:2]) or 0)
+    with pytest.raises(SystemExit, match="amx_7700"):  # no source LVM yet
+        pl.run_lever("amx_15400", tmp_path, 1, 6000)
+    assert calls == []
+    source = tmp_path / "amx_7700" / "lvm"
+    checkpoint(source, 7500)
+    checkpoint(source, 7700)
+    (source / "metrics.jsonl").write_text('{"step": 7700, "loss": 1.8}\n')
+    pl.run_lever("amx_15400", tmp_path, 1, 6000)
+    run = tmp_path / "amx_15400"
+    assert calls == [["lvm", "train"], ["lvm", "probe"]]  # the stub trained nothing: still at the source's step
+    assert pl.trained_steps(run / "lvm") == 7700 and not pl.done("lvm", run)
+    assert (run / "lvm" / "metrics.jsonl").read_text() == (source / "metrics.jsonl").read_text()
+    assert sorted(p.name for p in source.iterdir()) == ["ckpt-007500", "ckpt-007700", "latest", "metrics.jsonl"]
+    checkpoint(run / "lvm", 15400)  # what lvm train leaves when it reaches the steps
+    assert pl.done("lvm", run)
+    calls.clear()
+    pl.run_lever("amx_15400", tmp_path, 1, 6000)
+    assert calls == [["lvm", "probe"]]  # the stub wrote no probe.json: only the probe runs again
