@@ -35,7 +35,7 @@ from lvm.augment import mirror_images, token_views
 from lvm.checkpoint import load_model_and_tokenizer, require_same_tokenizer
 from lvm.data import SpecialTokens, image_rows
 from lvm.model import LVM
-from lvm.runtime import PRECISIONS, mixed_precision, pick_device
+from lvm.runtime import PRECISIONS, device_name_ok, mixed_precision, pick_device
 from tokenizer.images import ImageSet, image_set_source, load_images
 from tokenizer.splits import DEFAULT_TEST_FRACTION, align_labels, find_overlap
 
@@ -200,7 +200,7 @@ def _check_config(cfg: ProbeConfig) -> None:
         raise ProbeError(f"methods {cfg.methods} must be a non-empty list drawn from {METHODS}.")
     if cfg.precision not in PRECISIONS:
         raise ProbeError(f"precision={cfg.precision!r} is not one of {', '.join(PRECISIONS)}.")
-    if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
+    if not device_name_ok(cfg.device):
         raise ProbeError(f"device={cfg.device!r} is not one of auto, cpu, cuda.")
     if cfg.device.startswith("cuda") and set(cfg.methods) - {"linear"}:
         raise ProbeError(f"--device {cfg.device} runs the linear probe's feature extraction on the GPU; the attentive "

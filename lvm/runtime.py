@@ -43,6 +43,11 @@ STATE_FILE = "trainer_state.json"
 
 # ---- device and precision ------------------------------------------------------------------------
 
+def device_name_ok(name: str) -> bool:
+    """Whether ``pick_device`` knows ``name`` (auto, cpu, cuda, cuda:N): configs check it before any work starts."""
+    return name in ("auto", "cpu") or name.startswith("cuda")
+
+
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """``auto``: the GPU of this process (its torchrun local rank) when there is one, else the CPU."""
     if name == "auto":
@@ -54,7 +59,7 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         index = local_rank if index is None else index
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
-    if name != "cpu":
+    if not device_name_ok(name):
         raise ConfigError(f"--device {name!r} is not one of auto, cpu, cuda.")
     return torch.device("cpu")
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lvm.train as train_mod
-from lvm.runtime import cpu_has_fast_bf16, mixed_precision
+from lvm.runtime import ConfigError, cpu_has_fast_bf16, device_name_ok, mixed_precision, pick_device
 from lvm.data import DataError, PackedBatches
 from lvm.model import LVM
 from lvm.train import TrainConfig, TrainingDiverged, train
@@ -303,3 +303,13 @@ def test_shape_overrides_replace_the_presets_dimensions(cfg):
     model = LVM.from_pretrained(os.path.join(cfg.out, "latest"))
     assert (model.config.n_layer, model.config.n_head, model.config.d_model) == (1, 3, 96)
     assert len(model.blocks) == 1 and model.tok_emb.weight.shape[1] == 96
+
+
+def test_device_names_are_checked_the_same_way_before_and_when_a_device_is_picked():
+    """Configs check a device name up front with device_name_ok; pick_device refuses exactly the names it rejects."""
+    assert [device_name_ok(n) for n in ("auto", "cpu", "cuda", "cuda:1", "tpu", "CPU", "")] == \
+        [True, True, True, True, False, False, False]
+    assert pick_device("cpu") == torch.device("cpu")
+    for name in ("tpu", "CPU", ""):
+        with pytest.raises(ConfigError, match=f"--device {name!r} is not one of auto, cpu, cuda"):
+            pick_device(name)
