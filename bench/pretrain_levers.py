@@ -45,6 +45,9 @@ TARGET4_PROTOCOL = ["--fractions", "0.1", "0.3", "1.0", "--seeds", "3"]
 # 7.49 vs 6.52 s): vocabulary levers pay for it with LVM steps
 HEAD_4K_STEP_COST = 1.15
 AMX_DEFAULT13_STEPS = 1923  # LVM steps of 8 rows the AMX 30-minute default bought in session 13
+# target 4's two columns, per member of a steps-curve pair: the domain at 30 % (3 subsets) and 100 %, its twin at 100 %
+TARGET4_PAIR_FRACTIONS = (("", ["--fractions", "0.3", "1.0", "--seeds", "3"]),
+                          ("ood_", ["--fractions", "1.0", "--seeds", "1"]))
 
 def amx_default_pair(name: str, lvm_steps: int, what: str) -> dict[str, dict]:
     """An AMX 30-minute default (14x14, the tokenizer's 1,000-step cap, ``lvm_steps`` of 8 rows, probed at layer 5,
@@ -151,8 +154,7 @@ LEVERS: dict[str, dict] = {
                              "probe_protocol": [*fractions, "--mirror"],
                              "why": f"{prefix}amx_default13 with 7,700 LVM steps instead of 1,923 (4x; its tokenizer "
                                     "and shards; its own layer sweep; mirrored probe): the steps curve beyond 3,200"}
-       for prefix, fractions in (("", ["--fractions", "0.3", "1.0", "--seeds", "3"]),
-                                 ("ood_", ["--fractions", "1.0", "--seeds", "1"]))},
+       for prefix, fractions in TARGET4_PAIR_FRACTIONS},
     # the next point of that curve, 8x (15,400 steps): each 7,700-step LVM resumed with --steps 15400, so the LR
     # steps back up to that cosine's midpoint (a warm restart) and decays again over 7,700 more steps of the same
     # data order; ~50 min more per model on 2 AMX cores instead of ~1.7 h from scratch. Probed like amx_7700
@@ -162,8 +164,7 @@ LEVERS: dict[str, dict] = {
                               "why": f"{prefix}amx_7700's LVM resumed to 15,400 steps (8x the default's; the LR back "
                                      "up to the 15,400-step cosine's midpoint, then decayed; its own layer sweep; "
                                      "mirrored probe): the steps curve beyond 4x"}
-       for prefix, fractions in (("", ["--fractions", "0.3", "1.0", "--seeds", "3"]),
-                                 ("ood_", ["--fractions", "1.0", "--seeds", "1"]))},
+       for prefix, fractions in TARGET4_PAIR_FRACTIONS},
     # the steps saturated there; is it capacity? A wider LVM (6 x 384, ~2.2x the non-embedding parameters) at about
     # the default's LVM seconds, on the default's tokenizer and shards (the domain side only, first)
     "amx_wide384": {"base": "amx_default13", "lvm_steps": 1000,
@@ -290,7 +291,9 @@ def done(stage: str, run: Path) -> bool:
 
 def trained_steps(lvm: Path) -> int:
     """The step of a training folder's latest checkpoint (0 when it has none)."""
-    state = lvm / "latest" / "trainer_state.json"
+    from lvm.runtime import STATE_FILE
+
+    state = lvm / "latest" / STATE_FILE
     return int(json.loads(state.read_text())["step"]) if state.exists() else 0
 
 
@@ -301,7 +304,7 @@ def seed_continuation(name: str, out: Path) -> None:
     lvm, source = out / name / "lvm", out / LEVERS[name]["continue_from"] / "lvm"
     if (lvm / "latest").exists():
         return
-    if not done("lvm", source.parent) or not (source / "latest").exists():
+    if not done("lvm", source.parent):
         sys.exit(f"[{name}] continues {source}, which has no finished LVM; run --levers "
                  f"{LEVERS[name]['continue_from']} first")
     checkpoint = (source / "latest").resolve()
